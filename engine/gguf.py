@@ -58,9 +58,7 @@ def read_metadata(reader) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Dequantization (numpy, fp32 out). Every result is exactly what ggml computes in fp32.
 
-QK = 32  # values per block for the quantized types below
-
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 values
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:

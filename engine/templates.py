@@ -78,7 +78,12 @@ def instruction(original_text: str, rewritten_text: str, output_type: str = "pro
 
 def prompt_text(tokenizer, original_text: str, rewritten_text: str, output_type: str = "prompt",
                 fmt: str = "auto") -> str:
-    """Everything the model reads before its answer, as text (BOS included where it belongs)."""
+    """Everything the model reads before its answer, as text (BOS included where it belongs).
+
+    For showing and logging; token ids come from `prompt_ids` (in the Mistral format a
+    SentencePiece tokenizer would split this text's `<s>[INST]` differently from Mistral's own
+    encoder).
+    """
     fmt = resolve_format(tokenizer, fmt)
     inst = instruction(original_text, rewritten_text, output_type)
     if fmt == "mistral":

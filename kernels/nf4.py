@@ -241,3 +241,371 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
     codes = torch.nn.functional.pad(codes, (0, nblk * BLOCKSIZE - codes.numel()), value=7)
     vals = q.qmap[codes.long()].view(nblk, BLOCKSIZE) * _absmax_reference(q).view(-1, 1)  # fp32
     return vals.view(-1)[:n].to(dtype or q.dtype).view(q.shape)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W (q.shape) in `dtype` (default q.dtype): Triton on CUDA, the reference elsewhere."""
+    if q.packed.is_cuda:
+        return dequantize_nf4_triton(q, dtype)
+    return dequantize_nf4_reference(q, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask):
+    """fp32 absmax of 64-blocks `blk` (any shape): code2[absmax_q] * absmax2 + offset."""
+    a_q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+    a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
+    return tl.load(code2_ptr + a_q) * a2 + tl.load(offset_ptr)
+
+
+@triton.jit
+def nf4_dequant_tile(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+    offs_n, k_start, N, K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ALIGNED: tl.constexpr,
+):
+    """W[offs_n, k_start:k_start+BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); see the module docstring."""
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    if K_ALIGNED:
+        # Row n holds K // 2 bytes and K // 64 blocks; this tile's bytes are contiguous per row.
+        offs_b = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+        b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
+        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
+        codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))  # high nibble first
+        vals = tl.load(qmap_ptr + codes.to(tl.int32))  # (BLOCK_N, BLOCK_K) fp32
+        GROUPS: tl.constexpr = BLOCK_K // 64 if BLOCK_K >= 64 else 1
+        offs_g = k_start // 64 + tl.arange(0, GROUPS)
+        g_mask = n_mask[:, None] & (offs_g[None, :] < K // 64)
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                           rows[:, None] * (K // 64) + offs_g[None, :], g_mask)  # (BLOCK_N, GROUPS)
+        if GROUPS == 1:
+            return vals * scale
+        vals = tl.reshape(vals, (BLOCK_N, GROUPS, 64)) * scale[:, :, None]
+        return tl.reshape(vals, (BLOCK_N, BLOCK_K))
+    else:
+        # Any K: element e = n * K + k; its byte e // 2 (high nibble if e is even), block e // 64.
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k[None, :] < K)
+        e = rows[:, None] * K + offs_k[None, :]
+        packed = tl.load(w_ptr + e // 2, mask=mask, other=0x77)
+        codes = tl.where(e % 2 == 0, packed >> 4, packed & 0xF).to(tl.int32)
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // 64, mask)
+        return tl.load(qmap_ptr + codes) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel 1: dequantize (double quant included, one launch)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, out_ptr, n_elements,
+    BLOCKS: tl.constexpr,
+):
+    # One program: BLOCKS quantization blocks = BLOCKS x 32 bytes in, BLOCKS x 64 values out.
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (R,)
+    offs_b = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (R, 32)
+    packed = tl.load(w_ptr + offs_b, mask=offs_b < (n_elements + 1) // 2, other=0x77)
+    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCKS, 64))
+    scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < (n_elements + 63) // 64)
+    vals = tl.load(qmap_ptr + codes.to(tl.int32)) * scale[:, None]  # (R, 64) fp32
+    offs_e = blk[:, None] * 64 + tl.arange(0, 64)[None, :]
+    tl.store(out_ptr + offs_e, vals.to(out_ptr.dtype.element_ty), mask=offs_e < n_elements)
+
+
+def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int = 64,
+                          num_warps: int = 4) -> torch.Tensor:
+    """Triton dequant: equal to dequantize_nf4_reference bit for bit."""
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
+    n = q.numel()
+    if n:
+        grid = (triton.cdiv(triton.cdiv(n, BLOCKSIZE), blocks),)
+        _nf4_dequant_kernel[grid](*q.tensors(), out, n, BLOCKS=blocks, num_warps=num_warps,
+                                  enable_fp_fusion=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel 2: fused dequant-GEMM, Y = X W^T (forward) and dX = dY W (backward)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles sharing each column sweep, so W tiles stay in L2."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+@triton.jit
+def _nf4_gemm_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if W_AS_A:  # Y^T tile = W X^T: the dequantized tile feeds the MMA from registers
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
+        if W_AS_A:
+            acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc=acc, input_precision=DOT_PRECISION)  # (BM, BN)
+    y_rows = y_ptr + offs_m.to(tl.int64) * stride_ym
+    if W_AS_A:
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(y_rows[None, :] + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(y_rows[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nf4_gemm_dx_kernel(
+    dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, dx_ptr,
+    M, N, K, stride_dym, stride_dxm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Output tile dX[offs_m, offs_k]; the reduction runs over W's rows (N) in BLOCK_N steps.
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_start = pid_k * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    if W_AS_A:  # dX^T tile = W^T dY^T
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n_start in range(0, N, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_rows + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(dy.dtype)
+        if W_AS_A:
+            acc = tl.dot(tl.trans(w), tl.trans(dy), acc=acc, input_precision=DOT_PRECISION)  # (BK, BM)
+        else:
+            acc = tl.dot(dy, w, acc=acc, input_precision=DOT_PRECISION)  # (BM, BK)
+    dx_rows = dx_ptr + offs_m.to(tl.int64) * stride_dxm
+    if W_AS_A:
+        mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+        tl.store(dx_rows[None, :] + offs_k[:, None], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        tl.store(dx_rows[:, None] + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel 3: skinny GEMM for decoding (M <= 16), split-K
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program (pid_n, pid_k): rows offs_n of W over one K slice. All M (<= BLOCK_M) tokens at once,
+    # W as the MMA's A operand (BLOCK_N x BLOCK_K), the few tokens padded to BLOCK_M = 16.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    k_lo = tl.program_id(1) * K_PER_SPLIT
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k_start in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
+        acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
+    y_tile = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]  # (BN, BM), transposed view
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if ATOMIC:  # split-K: y is an fp32 buffer the launcher zeroed
+        tl.atomic_add(y_tile, acc, mask=mask)
+    else:
+        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (2-D inputs; configs are dicts so the benchmark can sweep them)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+
+
+def _check_2d(a: torch.Tensor, cols: int, q: NF4Tensor, what: str) -> torch.Tensor:
+    if a.dim() != 2 or a.shape[1] != cols or len(q.shape) != 2:
+        raise ValueError(f"{what}: expected a 2-D input with {cols} columns for a 2-D NF4 weight "
+                         f"{tuple(q.shape)}, got {tuple(a.shape)}")
+    if a.device != q.device:
+        raise ValueError(f"{what}: input on {a.device} but the NF4 weight on {q.device}")
+    return a.contiguous()
+
+
+def gemm_config(M: int, N: int, K: int) -> dict:
+    """Default fused-GEMM tiles (forward and dX); benchmarks/nf4.py sweeps alternatives."""
+    if M <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=8, num_stages=3)
+
+
+def dx_config(M: int, N: int, K: int) -> dict:
+    cfg = gemm_config(M, K, N)
+    return cfg  # same tile family: BLOCK_N reduces over W's rows, BLOCK_K spans dX's columns
+
+
+def gemv_config(M: int, N: int, K: int) -> dict:
+    return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=None, num_warps=4, num_stages=3)
+
+
+def nf4_gemm(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
+    """Y (M, N) = X (M, K) @ W^T, W dequantized tile by tile in registers."""
+    N, K = q.shape
+    x = _check_2d(x, K, q, "nf4_gemm")
+    M = x.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    c = dict(gemm_config(M, N, K), **(config or {}))
+    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    _nf4_gemm_kernel[grid](
+        x, *q.tensors(), y, M, N, K, x.stride(0), y.stride(0),
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+        K_ALIGNED=K % BLOCKSIZE == 0, W_AS_A=c["W_AS_A"], DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
+    )
+    return y
+
+
+def nf4_gemm_dx(dy: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
+    """dX (M, K) = dY (M, N) @ W: the input gradient of nf4_gemm / nf4_gemv."""
+    N, K = q.shape
+    dy = _check_2d(dy, N, q, "nf4_gemm_dx")
+    M = dy.shape[0]
+    if N == 0:
+        return torch.zeros((M, K), dtype=dy.dtype, device=dy.device)
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    if M == 0 or K == 0:
+        return dx
+    c = dict(dx_config(M, N, K), **(config or {}))
+    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
+    _nf4_gemm_dx_kernel[grid](
+        dy, *q.tensors(), dx, M, N, K, dy.stride(0), dx.stride(0),
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+        K_ALIGNED=K % BLOCKSIZE == 0, W_AS_A=c["W_AS_A"], DOT_PRECISION=_dot_precision(dy.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
+    )
+    return dx
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
+    """Y (M, N) = X (M, K) @ W^T for M <= 16 rows; split-K when N alone gives too few programs."""
+    N, K = q.shape
+    x = _check_2d(x, K, q, "nf4_gemv")
+    M = x.shape[0]
+    if M > 16:
+        raise ValueError(f"nf4_gemv handles at most 16 rows, got {M}; use nf4_gemm")
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), dtype=x.dtype, device=x.device)
+    c = dict(gemv_config(M, N, K), **(config or {}))
+    n_tiles, k_tiles = triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(K, c["BLOCK_K"])
+    split = c["SPLIT_K"] or max(1, min(k_tiles, triton.cdiv(2 * _num_sms(x.device), n_tiles)))
+    k_per_split = triton.cdiv(k_tiles, split) * c["BLOCK_K"]
+    split = triton.cdiv(K, k_per_split)
+    if split == 1:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    _nf4_gemv_kernel[(n_tiles, split)](
+        x, *q.tensors(), y, M, N, K, x.stride(0), y.stride(0), k_per_split,
+        BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1,
+        K_ALIGNED=K % BLOCKSIZE == 0, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point with autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., N), dequantizing W to x.dtype first."""
+    return torch.nn.functional.linear(x, dequantize_nf4_reference(q, x.dtype))
+
+
+def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
+    return backend == "triton" or (backend is None and t.is_cuda)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W frozen in NF4: the backward returns dX only."""
+
+    @staticmethod
+    def forward(ctx, x, q, backend):
+        ctx.q, ctx.backend = q, backend
+        N, K = q.shape
+        x2 = x.reshape(-1, K)
+        if not _use_triton(x, backend):
+            y2 = torch.nn.functional.linear(x2, dequantize_nf4_reference(q, x.dtype))
+        elif x2.shape[0] <= 16:
+            y2 = nf4_gemv(x2, q)
+        else:
+            y2 = nf4_gemm(x2, q)
+        return y2.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q = ctx.q
+        N, K = q.shape
+        dy2 = dy.reshape(-1, N)
+        if _use_triton(dy, ctx.backend):
+            dx2 = nf4_gemm_dx(dy2, q)
+        else:
+            dx2 = dy2 @ dequantize_nf4_reference(q, dy.dtype)
+        return dx2.reshape(*dy.shape[:-1], K), None, None
+
+
+def nf4_matmul(x: torch.Tensor, q: NF4Tensor, backend: str | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., N) in x.dtype, differentiable in x.
+
+    backend None picks by device: CUDA -> Triton (skinny kernel for <= 16 rows, fused GEMM above),
+    CPU -> reference. "triton" forces the kernels (tests run them on CPU through the interpreter).
+    """
+    if x.shape[-1] != q.shape[-1]:
+        raise ValueError(f"nf4_matmul: input has {x.shape[-1]} features, the NF4 weight "
+                         f"{tuple(q.shape)} expects {q.shape[-1]}")
+    return _NF4Matmul.apply(x, q, backend)

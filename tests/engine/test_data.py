@@ -306,6 +306,10 @@ def test_bundled_dataset_and_subsets():
     assert 0 < len(train) < len(rows) and {r["split"] for r in train} == {"train"}
     with pytest.raises(EngineError, match="bundled:everyday"):
         data.load_dataset("bundled:poetry")
+    with pytest.raises(EngineError, match="no rows with split='dev'.*test, train, valid"):
+        data.load_dataset("bundled", split="dev")
+    sub, report = data.load_dataset("bundled:curated", split="valid")
+    assert report.total == report.kept == len(sub) > 0  # the report counts only the subset
 
 
 def test_fraction_is_deterministic():

@@ -68,11 +68,13 @@ def test_split(rows):
     assert not by_split["valid"] & by_split["test"]
 
 
-def test_csv_is_what_assemble_writes(tmp_path, rows):
-    """The committed CSV is up to date with data/parts and assembling is deterministic."""
+def test_csv_and_card_are_what_assemble_writes(tmp_path, rows):
+    """The committed CSV and the card's counts are up to date with data/parts (deterministic)."""
     mod = _assemble()
     parts, errors = mod.read_parts()
     assert not errors
     mod.assign_splits(parts)
     mod.write_csv(parts, tmp_path / "a.csv")
     assert (tmp_path / "a.csv").read_bytes() == CSV.read_bytes()
+    card = (ROOT / "data" / "README.md").read_text(encoding="utf-8")
+    assert f"{mod.COUNTS_START}\n{mod.counts_markdown(parts)}\n{mod.COUNTS_END}" in card

@@ -1,0 +1,66 @@
+"""Small helpers shared by the benchmark scripts: timing, one printed table, JSON output.
+
+Scripts run from the repository root (`python benchmarks/nf4.py --out runs/nf4.json`); importing
+this module puts the root on sys.path so `kernels`, `models` and `engine` import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() over `rep` ms of repeats (triton.testing.do_bench, L2 flushed)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])[0]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=None, help="write the results as JSON to this path")
+    return p
+
+
+def env_info() -> dict:
+    import torch
+    import triton
+
+    info = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, sms=props.multi_processor_count, memory_GB=round(props.total_memory / 1e9, 1))
+    return info
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows of dicts as an aligned text table (columns: given order, else first-seen order)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path, payload: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"wrote {path}")
