@@ -421,30 +421,59 @@ def _nf4_gemm_dx_kernel(
 
 @triton.jit
 def _nf4_gemv_kernel(
-    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, pair_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, PAIR_LUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program (pid_n, pid_k): rows offs_n of W over one K slice. All M (<= BLOCK_M) tokens at once,
-    # W as the MMA's A operand (BLOCK_N x BLOCK_K), the few tokens padded to BLOCK_M = 16.
+    # Program (pid_n, pid_k): rows offs_n of W over one K slice, all M (<= BLOCK_M = 16) tokens at
+    # once; W is the MMA's A operand (BLOCK_N x 64 per step), the tokens padded to 16.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     k_lo = tl.program_id(1) * K_PER_SPLIT
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k_start in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
-        acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
+        if PAIR_LUT:
+            # Memory-bound path (16-bit x, K % 64 == 0): one table gather per byte yields both of
+            # its values already in x's dtype, and the absmax scales the (BLOCK_N, 16) partial
+            # product of each 64-column quant block instead of every weight.
+            for g in tl.static_range(BLOCK_K // 64):
+                k0 = k_start + g * 64
+                offs_k = k0 + tl.arange(0, 64)
+                x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                offs_b = k0 // 2 + tl.arange(0, 32)
+                b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
+                packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
+                pairs = tl.load(pair_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
+                first = pairs.to(tl.int16).to(x.dtype, bitcast=True)
+                second = (pairs >> 16).to(tl.int16).to(x.dtype, bitcast=True)
+                codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))
+                scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                   rows * (K // 64) + k0 // 64, n_mask & (k0 < K))  # (BN,)
+                acc += tl.dot(codes, tl.trans(x), input_precision=DOT_PRECISION) * scale[:, None]
+        else:
+            offs_k = k_start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+                                 offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
+            acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
     y_tile = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]  # (BN, BM), transposed view
-    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    mask = (offs_m[None, :] < M) & n_mask[:, None]
     if ATOMIC:  # split-K: y is an fp32 buffer the launcher zeroed
         tl.atomic_add(y_tile, acc, mask=mask)
     else:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(256,) int32: for byte b, NF4[b >> 4] in the low and NF4[b & 15] in the high 16 bits."""
+    bits = nf4_code().to(dtype).view(torch.int16)
+    b = torch.arange(256)
+    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int32).view(-1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,10 +575,12 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    pair_lut = c["BLOCK_K"] % BLOCKSIZE == 0 and K % BLOCKSIZE == 0 and x.dtype in (torch.float16, torch.bfloat16)
+    pairs = _pair_lut(str(x.device), x.dtype) if pair_lut else q.qmap  # (unused when not pair_lut)
     _nf4_gemv_kernel[(n_tiles, split)](
-        x, *q.tensors(), y, M, N, K, x.stride(0), y.stride(0), k_per_split,
+        x, *q.tensors(), pairs, y, M, N, K, x.stride(0), y.stride(0), k_per_split,
         BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1,
-        K_ALIGNED=K % BLOCKSIZE == 0, DOT_PRECISION=_dot_precision(x.dtype),
+        K_ALIGNED=K % BLOCKSIZE == 0, PAIR_LUT=pair_lut, DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return y.to(x.dtype)
