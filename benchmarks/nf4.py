@@ -140,6 +140,10 @@ def main():
         check.append(dict(shape="k/v 4096->1024", quantize_cuda_equals_cpu=all(
             torch.equal(a.cpu(), b) for a, b in zip(gpu.tensors(), cpu.tensors()))))
         print_table(check)
+        flags = [v for r in check for k, v in r.items() if "equal" in k]
+        errs = [v for r in check for k, v in r.items() if k.endswith("rel_err")]
+        RESULTS["correct"] = all(flags) and max(errs) < 1e-2
+        print(f"correct: {RESULTS['correct']} (bit-equal checks all true, bf16 relative errors < 1e-2)")
 
     rows = RESULTS["rows"]
 

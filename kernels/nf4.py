@@ -17,7 +17,10 @@ Kernels (each beside a pure-PyTorch reference; CUDA tensors take Triton, CPU ten
   dequantize_nf4   one launch, double quant included              (`dequantize_nf4_reference`)
   nf4_gemm         Y = X W^T for M > 16 rows, W dequantized tile by tile in registers
   nf4_gemm_dx      dX = dY W, the backward of the same family (the base is frozen: no dW)
-  nf4_gemv         skinny Y = X W^T for M <= 16 rows (decoding), split-K over fp32 atomics
+  nf4_gemv         skinny Y = X W^T for M <= 16 rows (decoding), split-K over fp32 atomics; for
+                   16-bit x it reads both values of a byte from one 256-entry table and scales the
+                   partial product of each 64-column block by its absmax (the weight is rounded as
+                   NF4 value -> x.dtype, not NF4 value * absmax -> x.dtype: same size of error)
   nf4_matmul       autograd entry point that picks among them     (`nf4_matmul_reference`)
 
 Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused GEMMs
@@ -451,8 +454,9 @@ def _nf4_gemv_kernel(
                 first = pairs.to(tl.int16).to(x.dtype, bitcast=True)
                 second = (pairs >> 16).to(tl.int16).to(x.dtype, bitcast=True)
                 codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))
+                in_k = (offs_n * 0 + k0) < K  # (BN,): this step's block exists (K ends mid-step)
                 scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                   rows * (K // 64) + k0 // 64, n_mask & (k0 < K))  # (BN,)
+                                   rows * (K // 64) + k0 // 64, n_mask & in_k)  # (BN,)
                 acc += tl.dot(codes, tl.trans(x), input_precision=DOT_PRECISION) * scale[:, None]
         else:
             offs_k = k_start + tl.arange(0, BLOCK_K)

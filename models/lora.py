@@ -3,12 +3,20 @@
 y = base(x) + scale * B(A(dropout(x))), A (r, in) Kaiming-uniform, B (out, r) zeros, scale =
 alpha / r (alpha / sqrt(r) with rslora). Parameter names `lora_A.weight` / `lora_B.weight` sit
 where PEFT puts them, so an adapter state dict maps to PEFT keys by prefixing
-`base_model.model.`.
+`base_model.model.`. Layers are chosen by module name as PEFT's `target_modules` does: a target
+matches a module whose name equals it or ends in "." + target ("q_proj", "w1",
+"self_attn.o_proj"); the MoE router (`gate`) and `lm_head` are never wrapped.
 
-Merging: `merge()` adds scale * B A into a floating-point base weight and `unmerge()` takes it
-out again. An NF4 base cannot absorb the update exactly: `merge()` on one dequantizes, adds the
-update and re-quantizes (a lossy step, like PEFT's merge into bitsandbytes 4-bit layers), and
-`unmerge()` is refused for it.
+Forward: on CUDA the fused Triton kernels (`kernels.lora.lora_linear`); elsewhere PyTorch, computed
+as PEFT computes it (x cast to the adapter's dtype, the sum cast back), so CPU outputs match PEFT's.
+
+Merging: `merge()` adds scale * B A into a floating-point base weight and `unmerge()` subtracts
+it again (exact up to one rounding of the base dtype). An NF4 base cannot absorb the update
+exactly: `merge()` on one dequantizes W to fp32, adds the update and re-quantizes to NF4 (a lossy
+step, like PEFT's merge into bitsandbytes 4-bit layers). Each merged element then lies within half
+an NF4 code gap of W + scale * B A: at most 0.152 x its block's absmax (the widest gap is between
+-1 and -0.696), plus the 8-bit absmax's own rounding. `unmerge()` is refused for NF4: reload the
+base (or keep the adapter unmerged, which costs one low-rank product per layer).
 """
 from __future__ import annotations
 
@@ -30,12 +38,14 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r <= 0:
             raise EngineError(f"lora_r must be a positive integer, got {r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise EngineError(f"lora_dropout must be in [0, 1), got {dropout}.")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha = r, alpha
+        self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout_p = dropout
-        # Adapters are fp32 master weights whatever the base dtype; forward casts them to x's.
+        # Adapters are fp32 master weights whatever the base dtype (PEFT's autocast_adapter_dtype).
         device = _weight_like(base).device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -62,31 +72,41 @@ class LoRALinear(nn.Module):
         if fused is not None:
             return fused
         y = self.base(x)
-        xd = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
-        a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(xd, a), b) * self.scale
+        a, b = self.lora_A.weight, self.lora_B.weight
+        xa = x.to(a.dtype)
+        if self.dropout_p and self.training:
+            xa = F.dropout(xa, self.dropout_p, True)
+        return (y + F.linear(F.linear(xa, a), b) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):
         if self.merged:
             return
-        if hasattr(self.base, "quantize_"):  # NF4: dequantize, add, re-quantize (lossy)
-            w = self.base.dequantize().float() + self.delta_weight().float()
-            self.base.quantize_(w.to(self.base.compute_dtype))
+        if _is_nf4(self.base):  # dequantize, add, re-quantize (lossy; see the module docstring)
+            w = self.base.dequantize(torch.float32) + self.delta_weight().float()
+            self.base.quantize_(w.to(self.base.weight_dtype))
         else:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            w = self.base.weight
+            w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             return
-        if hasattr(self.base, "quantize_"):
+        if _is_nf4(self.base):
             raise EngineError("cannot unmerge a LoRA merged into an NF4 base (re-quantization is lossy); "
                               "reload the base model instead.")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        w = self.base.weight
+        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
         self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout_p}, merged={self.merged}"
+
+
+def _is_nf4(base: nn.Module) -> bool:
+    return hasattr(base, "quantize_") and hasattr(base, "dequantize")
 
 
 def _weight_like(base: nn.Module) -> torch.Tensor:
@@ -108,38 +128,71 @@ def _fused_forward(layer: LoRALinear, x: torch.Tensor):
     return lora_linear(x, layer)
 
 
-def _matches(name: str, targets) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in targets and leaf not in NEVER_TARGET
+def project_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
+    """(q_proj(x), k_proj(x), v_proj(x)); on CUDA, three LoRALinear layers share one fused launch
+    that reads x once (`kernels.lora.lora_qkv`). For an attention module's forward."""
+    if x.is_cuda and all(isinstance(m, LoRALinear) for m in (q_proj, k_proj, v_proj)):
+        from kernels.lora import lora_qkv
+
+        return lora_qkv(x, q_proj, k_proj, v_proj)
+    return q_proj(x), k_proj(x), v_proj(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing and wrapping layers
+# ----------------------------------------------------------------------------------------------
+
+
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's rule for a list of target_modules: the name equals the target or ends in '.' + it."""
+    return name == target or name.endswith("." + target)
+
+
+def _never(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in NEVER_TARGET
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, LoRALinear)
 
 
 def inject_lora(model: nn.Module, r: int = 16, alpha: float = 64, dropout: float = 0.1,
                 targets=DEFAULT_TARGETS, rslora: bool = False) -> list[str]:
-    """Wrap every linear layer whose leaf name is in `targets` with a LoRALinear.
+    """Wrap every linear layer that a target names (PEFT's suffix rule) with a LoRALinear.
 
     Freezes everything else. Returns the wrapped module names. `targets` may include the MoE
     experts' w1/w2/w3; the router `gate` and `lm_head` are never wrapped.
     """
-    targets = tuple(targets)
-    bad = [t for t in targets if t in NEVER_TARGET]
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    bad = [t for t in targets if _never(t)]
     if bad:
         raise EngineError(f"lora_targets {bad} are not allowed: the router and lm_head stay frozen.")
-    for p in model.parameters():
-        p.requires_grad_(False)
     names = [n for n, m in model.named_modules()
-             if _matches(n, targets) and not isinstance(m, LoRALinear) and hasattr(m, "in_features")]
+             if _is_linear(m) and not _never(n) and any(matches_target(n, t) for t in targets)]
     if not names:
         raise EngineError(f"lora_targets {list(targets)} match no linear layer of this model; "
                           f"valid leaf names include {sorted(_linear_leaf_names(model))}.")
-    for name in names:
+    return wrap_modules(model, {n: (r, alpha) for n in names}, dropout, rslora)
+
+
+def wrap_modules(model: nn.Module, ranks: dict[str, tuple[int, float]], dropout: float = 0.0,
+                 rslora: bool = False) -> list[str]:
+    """Wrap the named linear layers, each with its own (r, alpha); freeze every other parameter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, (r, alpha) in ranks.items():
         parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, rslora))
-    return names
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, leaf)
+        if _never(name) or not _is_linear(module):
+            raise EngineError(f"cannot put a LoRA on {name!r}: it is not a linear layer that may be adapted "
+                              "(the router and lm_head stay frozen).")
+        setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora))
+    return list(ranks)
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")}
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -191,6 +191,24 @@ def test_gemv_matches_reference(M, N, Kd, dtype, split_k):
     assert _rel_err(y, x.float() @ w.float().T) < TOL[dtype]
 
 
+@pytest.mark.parametrize("block_k", [128, 256])  # several quant blocks per step; K=192 ends mid-step
+def test_gemv_pair_table_path_multi_block_steps(block_k):
+    x, q, w = _problem(5, 80, 192, torch.float16)
+    y = K.nf4_gemv(x, q, dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=1, num_warps=4, num_stages=2))
+    assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_table_holds_both_nibbles(dtype):
+    """Byte b -> (NF4[b >> 4], NF4[b & 15]) in x's dtype, first value in the low 16 bits."""
+    pairs = K._pair_lut("cpu", dtype)
+    first = (pairs & 0xFFFF).to(torch.int16).view(dtype)
+    second = (pairs >> 16).to(torch.int16).view(dtype)
+    b = torch.arange(256)
+    assert torch.equal(first, K.nf4_code()[b >> 4].to(dtype))
+    assert torch.equal(second, K.nf4_code()[b & 15].to(dtype))
+
+
 def test_gemv_default_config_and_row_limit():
     x, q, w = _problem(4, 80, 192, torch.float16)
     assert _rel_err(K.nf4_gemv(x, q), x.float() @ w.float().T) < TOL[torch.float16]

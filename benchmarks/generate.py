@@ -1,0 +1,84 @@
+"""Multiprompt decoding on Mixtral-8x7B shapes: 3 samples x 32 new tokens after a 400-token prompt.
+
+Ours: all 32 layers, random NF4 weights built on the GPU (benchmarks/mixtral_random.py), the
+engine's sampler (one prefill shared by the 3 samples, static KV cache). Reports the prefill,
+the end-to-end time and the time per decode step ((end-to-end - prefill) / 31), plus the same at
+2 and 4 layers so it can be compared with the peer's extrapolation (benchmarks/peer_seed_stack.py,
+run in the same device call). Floor: the NF4 bytes of the experts the 3 tokens touch plus the
+attention weights, at 3.0 TB/s (about 4.8 ms per step for 32 layers).
+
+Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer peer.json]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.mixtral_random import random_nf4_mixtral
+from engine.sampling import generate
+
+
+def timed(fn, rep=3):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(layers):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = random_nf4_mixtral(layers)
+    weights_gb = torch.cuda.memory_allocated() / 1e9
+    prompt = torch.randint(0, 32000, (400,)).tolist()
+
+    def run(n):
+        return generate(model, [prompt], max_new_tokens=n, samples=3, temperature=0.7, top_p=0.95, seed=0)
+
+    out = run(32)
+    assert all(len(s) == 32 for s in out[0])
+    e2e = timed(lambda: run(32))
+    prefill = timed(lambda: run(1))
+    r = {"layers": layers, "weights_GB": weights_gb, "e2e_ms": e2e, "prefill_ms": prefill,
+         "decode_step_ms": (e2e - prefill) / 31, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    del model
+    torch.cuda.empty_cache()
+    print(r, flush=True)
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="generate.json")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--peer", default=None, help="JSON written by benchmarks/peer_seed_stack.py")
+    a = p.parse_args()
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for layers in (2, 4, a.layers):
+        res[f"L{layers}"] = measure(layers)
+    per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2
+    res["L32_decode_step_ms_extrapolated"] = res["L2"]["decode_step_ms"] + 30 * per
+    rows = [("ours, 32 layers measured", res[f"L{a.layers}"]["decode_step_ms"], res[f"L{a.layers}"]["e2e_ms"]),
+            ("ours, extrapolated from 2/4 layers", res["L32_decode_step_ms_extrapolated"], None)]
+    if a.peer:
+        peer = json.load(open(a.peer))
+        res["peer"] = peer
+        if "L32_decode_step_ms_extrapolated" in peer:
+            rows.append(("peer (tf 4.57 + bnb), extrapolated", peer["L32_decode_step_ms_extrapolated"],
+                         peer["L32_gen_ms_extrapolated"]))
+    json.dump(res, open(a.out, "w"), indent=1)
+    print(f"\n{'generate 3x32 after 400 tokens':40s} {'ms/decode step':>15s} {'end-to-end ms':>14s}")
+    for name, step, e2e in rows:
+        print(f"{name:40s} {step:15.2f} {e2e if e2e is not None else float('nan'):14.1f}")
+    if a.peer and "L32_decode_step_ms_extrapolated" in res.get("peer", {}):
+        print(f"speed-up per decode step vs peer: {res['peer']['L32_decode_step_ms_extrapolated'] / rows[0][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""A QLoRA training step at v5 settings on Mixtral-8x7B shapes: ours, at 2 and 4 layers.
+
+Batch 8 x 640 tokens, LoRA r=16 / alpha=64 / dropout 0.1 on q/k/v/o over an NF4 base (router
+and lm_head bf16), gradient checkpointing, AdamW, completion loss on the second half of each
+sequence, through the engine's own Trainer pieces (model forward, chunked cross-entropy).
+The per-layer difference extrapolates to 32 layers, as the peer's anchor does
+(benchmarks/peer_seed_stack.py, same device call), which gives tokens/s.
+
+Usage: python benchmarks/train_step.py --out train_step.json [--peer peer.json]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.mixtral_random import random_nf4_mixtral
+from engine.loss import chunked_cross_entropy
+from models.lora import inject_lora
+
+
+def measure(layers, batch=8, seq=640):
+    torch.cuda.empty_cache()
+    model = random_nf4_mixtral(layers)
+    inject_lora(model, r=16, alpha=64, dropout=0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+
+    def step():
+        hidden = model(ids, return_hidden=True)
+        loss_sum, n = chunked_cross_entropy(hidden, model.lm_head.weight, labels)
+        (loss_sum / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    r = {"layers": layers, "step_ms": sorted(times)[2], "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    del model, opt
+    torch.cuda.empty_cache()
+    print(r, flush=True)
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="train_step.json")
+    p.add_argument("--peer", default=None)
+    a = p.parse_args()
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for layers in (2, 4):
+        res[f"L{layers}"] = measure(layers)
+    per = (res["L4"]["step_ms"] - res["L2"]["step_ms"]) / 2
+    res["per_layer_ms"] = per
+    res["L32_step_ms_extrapolated"] = res["L2"]["step_ms"] + 30 * per
+    res["L32_tokens_per_s"] = 8 * 640 / res["L32_step_ms_extrapolated"] * 1e3
+    print(f"\n{'QLoRA step, v5 settings':36s} {'ms/layer':>9s} {'32-layer step ms':>17s} {'tokens/s':>9s}")
+    print(f"{'ours':36s} {per:9.1f} {res['L32_step_ms_extrapolated']:17.0f} {res['L32_tokens_per_s']:9.0f}")
+    if a.peer:
+        peer = json.load(open(a.peer))
+        if "L32_step_ms_extrapolated" in peer:
+            pp = (peer["L4_step_ms"] - peer["L2_step_ms"]) / 2
+            res["peer"] = peer
+            tps = 8 * 640 / peer["L32_step_ms_extrapolated"] * 1e3
+            print(f"{'peer (tf 4.57 + PEFT + bnb)':36s} {pp:9.1f} {peer['L32_step_ms_extrapolated']:17.0f} {tps:9.0f}")
+            print(f"speed-up: {peer['L32_step_ms_extrapolated'] / res['L32_step_ms_extrapolated']:.2f}x")
+    json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

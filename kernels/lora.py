@@ -1,0 +1,691 @@
+"""Fused LoRA linear layers in Triton: y = base(x) + scale * (dropout(x) A^T) B^T, the base frozen.
+
+The base is a dense weight W (N, K) (bf16/fp16/fp32, an `nn.Linear`) or an NF4 weight dequantized
+tile by tile in registers (`kernels.nf4.nf4_dequant_tile`); W is never materialized. A (r, K) and
+B (N, r) are the trainable adapter (fp32 masters); their gradients come back in fp32.
+
+Kernels (one to three projections that share the input x: q, k and v read x in one launch):
+
+  _lora_down_kernel  xa (M, S*r) = scale_s * dropout_s(x) A_s^T         one pass over x
+  _lora_fwd_kernel   y_s = x W_s^T + xa_s B_s^T (+ bias): the base GEMM adds the low-rank product in
+                     its epilogue, before the single store of y (y is never written and re-read)
+  _lora_dy_kernel    g (M, S*r) = scale_s * dY_s B_s and dB_s = dY_s^T xa_s: one pass over dY
+  _lora_dx_kernel    dX = sum_s dY_s W_s + mask_s/(1-p) * (g_s A_s): the base dX GEMM with the
+                     adapter's input gradient added in its epilogue
+  _lora_da_kernel    dA_s = g_s^T dropout_s(x): one pass over x
+
+Dropout is regenerated, never stored: element (m, k) of projection s is kept when a counter-based
+hash of (m, k, key_s) clears a threshold. The hash (`lowbias32`, two rounds per row, one per
+element) costs ~10 integer ops per element against ~100 for Philox, which matters because the dX
+GEMM regenerates the mask in its epilogue. `dropout_keep_reference` reproduces it bit for bit in
+PyTorch, so the reference path and the tests see the same mask. The keys are drawn per call from
+torch's generator on x's device (torch.manual_seed and activation checkpointing replay them).
+
+Entry points: `lora_linear(x, layer)` (what models/lora.py's LoRALinear calls on CUDA),
+`lora_qkv(x, q, k, v)` (three LoRALinear layers over one x), and the functional
+`lora_forward(x, bases, As, Bs, scales, p, ...)`. CUDA tensors take Triton, CPU tensors the
+PyTorch reference (`lora_reference`); backend="triton" forces the kernels (tests run them on CPU
+through TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.nf4 import NF4Tensor, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
+
+MAX_SEGMENTS = 3
+SMALL_M = 16  # at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter path
+_MASK32 = 0xFFFFFFFF
+_KEEP_BITS = 24  # the mask compares the hash's top 24 bits with round(p * 2^24)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout mask: a counter-based hash, in Triton and in PyTorch (bit-identical)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lowbias32(h):
+    """C. Wellons' lowbias32 integer hash on uint32 (good avalanche, 2 multiplies)."""
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _row_keys(keys_ptr, seg, offs_m):
+    """(BLOCK_M,) uint32 per-row keys of projection `seg`: two hash rounds over (row, key1, key2)."""
+    k1 = tl.load(keys_ptr + 2 * seg).to(tl.uint32)
+    k2 = tl.load(keys_ptr + 2 * seg + 1).to(tl.uint32)
+    return _lowbias32(_lowbias32(offs_m.to(tl.uint32) ^ k1) ^ k2)
+
+
+@triton.jit
+def _keep(row_keys, offs_k, keep_thr):
+    """(BLOCK_M, BLOCK_K) keep-mask of elements (m, k): one hash round per element."""
+    h = _lowbias32(row_keys[:, None] + offs_k.to(tl.uint32)[None, :])
+    return (h >> 8).to(tl.int32) >= keep_thr
+
+
+def _lowbias32_reference(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values (products wrap; the low 32 bits are exact)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def keep_threshold(p: float) -> int:
+    return int(round(p * (1 << _KEEP_BITS)))
+
+
+def dropout_keep_reference(keys: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """(M, K) bool keep-mask for the key pair `keys` (2,) int32: equals the kernels' mask."""
+    k1, k2 = (int(v) & _MASK32 for v in keys.tolist())
+    rows = torch.arange(M, dtype=torch.int64, device=keys.device)
+    row_keys = _lowbias32_reference(_lowbias32_reference(rows ^ k1) ^ k2)  # (M,)
+    cols = torch.arange(K, dtype=torch.int64, device=keys.device)
+    h = _lowbias32_reference((row_keys[:, None] + cols[None, :]) & _MASK32)  # (M, K)
+    return (h >> 8) >= keep_threshold(p)
+
+
+def new_dropout_keys(n: int, device) -> torch.Tensor:
+    """(n, 2) int32 keys from torch's generator on `device` (no host sync on CUDA)."""
+    return torch.randint(0, 2**31 - 1, (n, 2), dtype=torch.int32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pick(seg, v0, v1, v2):
+    """v0, v1 or v2 by segment (a runtime scalar or a constexpr); used for pointers."""
+    v = v0
+    if seg == 1:
+        v = v1
+    if seg == 2:
+        v = v2
+    return v
+
+
+@triton.jit
+def _segment(pid_n, N0, N1, BLOCK_N: tl.constexpr):
+    """Global n-tile -> (segment, its n-tile, first row of the segment in the concatenated B)."""
+    t0 = tl.cdiv(N0, BLOCK_N)
+    t1 = tl.cdiv(N1, BLOCK_N)
+    seg = (pid_n >= t0).to(tl.int32) + (pid_n >= t0 + t1).to(tl.int32)
+    tile = pid_n - tl.where(seg >= 1, t0, 0) - tl.where(seg == 2, t1, 0)
+    n_base = tl.where(seg >= 1, N0, 0) + tl.where(seg == 2, N1, 0)
+    return seg, tile, n_base
+
+
+@triton.jit
+def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles sharing each sweep over n, so weight tiles stay in L2."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+@triton.jit
+def _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr):
+    """W[offs_n, k_start : k_start + BLOCK_K] (BLOCK_N, BLOCK_K), zero outside W.
+
+    NF4: dequantized in registers (fp32). Dense: loaded from the contiguous (N, K) weight; the
+    five NF4 statistics pointers are then unused.
+    """
+    if NF4:
+        w = nf4_dequant_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED)
+    else:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    return w
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, keys_ptr, xa_ptr, M, K, R, stride_xm, sc0, sc1, sc2, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NSEG: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (seg, pid_m): xa[offs_m, seg*R : seg*R + R] = scale * dropout(x) @ A_seg^T.
+    # The segment is the fastest grid axis, so q/k/v programs of one row tile share x in L2.
+    seg = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_rows = a_ptr + (seg * R + offs_r).to(tl.int64)[:, None] * K  # A_cat (NSEG*R, K)
+    if DROPOUT:
+        row_keys = _row_keys(keys_ptr, seg, offs_m)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0).to(tl.float32)  # (BM, BK)
+        if DROPOUT:
+            x = tl.where(_keep(row_keys, offs_k, keep_thr), x * inv_keep, 0.0)
+        a = tl.load(a_rows + offs_k[None, :], mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+                    other=0.0).to(tl.float32)  # (BR, BK)
+        acc = tl.dot(x, tl.trans(a), acc=acc, input_precision=PRECISION)  # (BM, BR)
+    scale = tl.where(seg == 0, sc0, tl.where(seg == 1, sc1, sc2))
+    out = xa_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :]
+    tl.store(out, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, xa_ptr, b_ptr, bias_ptr,
+    w0, am0, am20, c20, off0, qm0, y0,
+    w1, am1, am21, c21, off1, qm1, y1,
+    w2, am2, am22, c22, off2, qm2, y2,
+    M, K, N0, N1, N2, R, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NSEG: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One launch over the n-tiles of all segments (q, k, v side by side): every program reads its
+    # x row tile, so one launch reads x from HBM about once. Y^T tile = W X^T (W is the MMA's A
+    # operand, straight from registers after the dequant), then + B xa^T, + bias, one store.
+    num_n = tl.cdiv(N0, BLOCK_N) + tl.cdiv(N1, BLOCK_N) + tl.cdiv(N2, BLOCK_N)
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_n, GROUP_M)
+    seg, tile, n_base = _segment(pid_n, N0, N1, BLOCK_N)
+    N = tl.where(seg == 0, N0, tl.where(seg == 1, N1, N2))
+    w_ptr = _pick(seg, w0, w1, w2)
+    am_ptr = _pick(seg, am0, am1, am2)
+    am2_ptr = _pick(seg, am20, am21, am22)
+    c2_ptr = _pick(seg, c20, c21, c22)
+    off_ptr = _pick(seg, off0, off1, off2)
+    qm_ptr = _pick(seg, qm0, qm1, qm2)
+    y_ptr = _pick(seg, y0, y1, y2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
+                    BLOCK_N, BLOCK_K, NF4, K_ALIGNED).to(x.dtype)  # (BN, BK)
+        acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=PRECISION)  # (BN, BM)
+
+    # Epilogue: the low-rank update B_seg xa_seg^T (fp32 operands: tf32 on 16-bit runs).
+    offs_r = tl.arange(0, BLOCK_R)
+    b = tl.load(b_ptr + (n_base + offs_n).to(tl.int64)[:, None] * R + offs_r[None, :],
+                mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)  # (BN, BR)
+    xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :],
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # (BM, BR) fp32
+    acc = tl.dot(b, tl.trans(xa), acc=acc, input_precision=PRECISION)  # (BN, BM)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n_base + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    y_tile = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # y_seg (M, N) contiguous
+    tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_dy_kernel(
+    dy0, dy1, dy2, b_ptr, xa_ptr, g_ptr, db_ptr, M, N0, N1, N2, R, rows_per_prog, sc0, sc1, sc2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NSEG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Program (n-tile over all segments, row range): one read of its dY tiles gives both
+    #   g[m, seg] += scale * dY[m, n-tile] B[n-tile]      (reduced over n-tiles: atomics)
+    #   dB[n-tile] += dY[rows, n-tile]^T xa[rows, seg]    (reduced over row ranges: atomics)
+    seg, tile, n_base = _segment(tl.program_id(0), N0, N1, BLOCK_N)
+    N = tl.where(seg == 0, N0, tl.where(seg == 1, N1, N2))
+    scale = tl.where(seg == 0, sc0, tl.where(seg == 1, sc1, sc2))
+    dy_ptr = _pick(seg, dy0, dy1, dy2)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    b = tl.load(b_ptr + (n_base + offs_n).to(tl.int64)[:, None] * R + offs_r[None, :],
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # (BN, BR)
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    m_lo = tl.program_id(1) * rows_per_prog
+    for m_start in range(m_lo, tl.minimum(m_lo + rows_per_prog, M), BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (BM, BN)
+        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :],
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BM, BR)
+        g = tl.dot(dy, b, input_precision=PRECISION) * scale  # (BM, BR)
+        tl.atomic_add(g_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :], g,
+                      mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
+        db = tl.dot(tl.trans(dy), xa, acc=db, input_precision=PRECISION)  # (BN, BR)
+    tl.atomic_add(db_ptr + (n_base + offs_n).to(tl.int64)[:, None] * R + offs_r[None, :], db,
+                  mask=n_mask[:, None] & r_mask[None, :], sem="relaxed")
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy0, w0, am0, am20, c20, off0, qm0,
+    dy1, w1, am1, am21, c21, off1, qm1,
+    dy2, w2, am2, am22, c22, off2, qm2,
+    g_ptr, a_ptr, keys_ptr, dx_ptr, M, K, N0, N1, N2, R, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NSEG: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dX^T tile (BK, BM) = sum_seg W_seg^T dY_seg^T over each segment's N (W never materialized),
+    # then the adapter term mask/(1-p) * (A_seg^T g_seg^T) in the epilogue, then one store.
+    pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_start = pid_k * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    for seg in tl.static_range(NSEG):
+        dy_ptr = _pick(seg, dy0, dy1, dy2)
+        w_ptr = _pick(seg, w0, w1, w2)
+        am_ptr = _pick(seg, am0, am1, am2)
+        am2_ptr = _pick(seg, am20, am21, am22)
+        c2_ptr = _pick(seg, c20, c21, c22)
+        off_ptr = _pick(seg, off0, off1, off2)
+        qm_ptr = _pick(seg, qm0, qm1, qm2)
+        N = _pick(seg, N0, N1, N2)
+        dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * N
+        for n_start in range(0, N, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            dy = tl.load(dy_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+            w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
+                        BLOCK_N, BLOCK_K, NF4, K_ALIGNED).to(dy.dtype)  # (BN, BK)
+            acc = tl.dot(tl.trans(w), tl.trans(dy), acc=acc, input_precision=PRECISION)  # (BK, BM)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    for seg in tl.static_range(NSEG):
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BM, BR) fp32
+        a = tl.load(a_ptr + (seg * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                    mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)  # (BR, BK)
+        if DROPOUT:
+            lora = tl.dot(tl.trans(a), tl.trans(g), input_precision=PRECISION)  # (BK, BM)
+            keep = tl.trans(_keep(_row_keys(keys_ptr, seg, offs_m), offs_k, keep_thr))  # (BK, BM)
+            acc += tl.where(keep, lora * inv_keep, 0.0)
+        else:
+            acc = tl.dot(tl.trans(a), tl.trans(g), acc=acc, input_precision=PRECISION)
+    dx_tile = dx_ptr + offs_m.to(tl.int64)[None, :] * K + offs_k[:, None]
+    tl.store(dx_tile, acc.to(dx_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & m_mask[None, :])
+
+
+@triton.jit
+def _lora_da_kernel(
+    x_ptr, g_ptr, keys_ptr, da_ptr, M, K, R, stride_xm, rows_per_prog, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NSEG: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (seg, k-tile, row range): dA_seg^T[k-tile] += dropout(x)[rows, k-tile]^T g[rows, seg].
+    seg = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_mask = offs_k < K
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    m_lo = tl.program_id(2) * rows_per_prog
+    for m_start in range(m_lo, tl.minimum(m_lo + rows_per_prog, M), BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (BM, BK)
+        if DROPOUT:
+            x = tl.where(_keep(_row_keys(keys_ptr, seg, offs_m), offs_k, keep_thr), x * inv_keep, 0.0)
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BM, BR)
+        acc = tl.dot(tl.trans(x), g, acc=acc, input_precision=PRECISION)  # (BK, BR)
+    out = da_ptr + (seg * R + offs_r).to(tl.int64)[None, :] * K + offs_k[:, None]  # dA_cat (NSEG*R, K)
+    tl.atomic_add(out, acc, mask=k_mask[:, None] & r_mask[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the frozen bases, launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """A frozen projection: `weight` is a dense (N, K) tensor or an NF4Tensor; `compute_dtype` the
+    dtype the matmul runs in (None: x's dtype for NF4, the weight's for dense)."""
+
+    weight: torch.Tensor | NF4Tensor
+    bias: torch.Tensor | None = None
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def is_nf4(self) -> bool:
+        return isinstance(self.weight, NF4Tensor)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return x.dtype if self.is_nf4 else self.weight.dtype
+
+    def matmul(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """x W^T + bias in x's dtype, differentiable in x (NF4: `nf4_matmul`, GEMV for few rows)."""
+        if self.is_nf4:
+            y = nf4_matmul(x, self.weight, backend)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_args(self) -> tuple:
+        """(w, absmax, absmax2, code2, offset, qmap) pointers; a dense weight fills all six."""
+        if self.is_nf4:
+            return self.weight.tensors()
+        return (self.weight,) * 6
+
+
+def base_of(module) -> Base:
+    """The frozen base of an `nn.Linear` or an `NF4Linear` (duck-typed: kernels/ imports no models/)."""
+    if hasattr(module, "nf4"):
+        return Base(module.nf4, module.bias, getattr(module, "compute_dtype", None))
+    return Base(module.weight, module.bias)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _rows_per_prog(M: int, programs: int, block_m: int, device) -> int:
+    """Rows each program of a reduction-over-M kernel takes, for about two waves of programs."""
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(device), max(programs, 1))))
+    return triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+
+
+def _pad3(items: list) -> list:
+    return items + [items[0]] * (MAX_SEGMENTS - len(items))
+
+
+def _launch_down(x2, a_cat, keys, scales, p, r):
+    M, K = x2.shape
+    S = len(scales)
+    xa = torch.empty((M, S * r), dtype=torch.float32, device=x2.device)
+    BM, BK = 32, 128 if K >= 128 else max(16, triton.next_power_of_2(K))
+    sc = _pad3(list(scales))
+    _lora_down_kernel[(S, triton.cdiv(M, BM))](
+        x2, a_cat, keys, xa, M, K, r, x2.stride(0), sc[0], sc[1], sc[2],
+        keep_threshold(p), 1.0 / (1.0 - p),
+        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
+        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=3,
+    )
+    return xa
+
+
+def _config(default: dict, nf4: bool, K: int, config: dict | None) -> dict:
+    c = dict(default, **(config or {}))
+    if nf4 and K % 64:  # the per-element NF4 gather needs ~100 KB of shared memory per stage
+        c["num_stages"] = min(c["num_stages"], 2)
+    return c
+
+
+def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
+    M, K = x2.shape
+    Ns = [b.out_features for b in bases]
+    ys = [torch.empty((M, n), dtype=x2.dtype, device=x2.device) for n in Ns]
+    c = _config(gemm_config(M, sum(Ns), K), bases[0].is_nf4, K, config)
+    num_n = sum(triton.cdiv(n, c["BLOCK_N"]) for n in Ns)
+    args = []
+    for base, y in zip(_pad3(list(bases)), _pad3(ys)):
+        args += [*base.kernel_args(), y]
+    N3 = Ns + [0] * (MAX_SEGMENTS - len(Ns))
+    _lora_fwd_kernel[(triton.cdiv(M, c["BLOCK_M"]) * num_n,)](
+        x2, xa, b_cat, bias_cat if bias_cat is not None else xa, *args,
+        M, K, N3[0], N3[1], N3[2], r, x2.stride(0),
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
+        GROUP_M=c["GROUP_M"], NSEG=len(bases), NF4=bases[0].is_nf4, K_ALIGNED=K % 64 == 0,
+        HAS_BIAS=bias_cat is not None, PRECISION=_precision(x2.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return ys
+
+
+def _launch_dy(dys, b_cat, xa, scales, r):
+    M = xa.shape[0]
+    S = len(dys)
+    Ns = [dy.shape[1] for dy in dys]
+    g = torch.zeros((M, S * r), dtype=torch.float32, device=xa.device)
+    db = torch.zeros((sum(Ns), r), dtype=torch.float32, device=xa.device)
+    BM, BN = 32, 128
+    num_n = sum(triton.cdiv(n, BN) for n in Ns)
+    rows = _rows_per_prog(M, num_n, BM, xa.device)
+    N3 = Ns + [0] * (MAX_SEGMENTS - S)
+    sc = _pad3(list(scales))
+    _lora_dy_kernel[(num_n, triton.cdiv(M, rows))](
+        *_pad3(list(dys)), b_cat, xa, g, db, M, N3[0], N3[1], N3[2], r, rows, sc[0], sc[1], sc[2],
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=_block_r(r), NSEG=S, PRECISION=_precision(dys[0].dtype),
+        num_warps=4, num_stages=3,
+    )
+    return g, db
+
+
+def _launch_dx(dys, bases, g, a_cat, keys, p, r, K, config=None):
+    M = g.shape[0]
+    Ns = [b.out_features for b in bases]
+    dx = torch.empty((M, K), dtype=dys[0].dtype, device=g.device)
+    c = _config(dx_config(M, sum(Ns), K), bases[0].is_nf4, K, config)
+    args = []
+    for dy, base in zip(_pad3(list(dys)), _pad3(list(bases))):
+        args += [dy, *base.kernel_args()]
+    N3 = Ns + [0] * (MAX_SEGMENTS - len(Ns))
+    _lora_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](
+        *args, g, a_cat, keys, dx, M, K, N3[0], N3[1], N3[2], r, keep_threshold(p), 1.0 / (1.0 - p),
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
+        GROUP_M=c["GROUP_M"], NSEG=len(bases), NF4=bases[0].is_nf4, K_ALIGNED=K % 64 == 0,
+        DROPOUT=p > 0, PRECISION=_precision(dys[0].dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return dx
+
+
+def _launch_da(x2, g, keys, p, r, S):
+    M, K = x2.shape
+    da = torch.zeros((S * r, K), dtype=torch.float32, device=x2.device)
+    BM, BK = 64, 64
+    k_tiles = triton.cdiv(K, BK)
+    rows = _rows_per_prog(M, S * k_tiles, BM, x2.device)
+    _lora_da_kernel[(S, k_tiles, triton.cdiv(M, rows))](
+        x2, g, keys, da, M, K, r, x2.stride(0), rows, keep_threshold(p), 1.0 / (1.0 - p),
+        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
+        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=3,
+    )
+    return da
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Spec:
+    bases: list
+    scales: list
+    p: float
+    keys: torch.Tensor  # (S, 2) int32 dropout keys (unused when p == 0)
+    r: int
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """ys = [x W_s^T + b_s + scale_s * dropout_s(x) A_s^T B_s^T]; gradients for x, A_s, B_s only."""
+
+    @staticmethod
+    def forward(ctx, x2, spec: _Spec, *ab):
+        a_list, b_list = ab[0::2], ab[1::2]
+        a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0].contiguous()  # (S*r, K)
+        b_cat = torch.cat(b_list) if len(b_list) > 1 else b_list[0].contiguous()  # (sum N, r)
+        biases = [b.bias for b in spec.bases]
+        bias_cat = None
+        if any(bias is not None for bias in biases):
+            bias_cat = torch.cat([bias if bias is not None else x2.new_zeros(b.out_features)
+                                  for bias, b in zip(biases, spec.bases)])
+        xa = _launch_down(x2, a_cat, spec.keys, spec.scales, spec.p, spec.r)
+        ys = _launch_fwd(x2, xa, b_cat, bias_cat, spec.bases, spec.r)
+        ctx.spec = spec
+        ctx.ab_dtypes = [t.dtype for t in ab]
+        ctx.save_for_backward(x2, xa, a_cat, b_cat)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, xa, a_cat, b_cat = ctx.saved_tensors
+        spec = ctx.spec
+        S, r = len(spec.bases), spec.r
+        dys = [dy.contiguous() for dy in dys]
+        g, db_cat = _launch_dy(dys, b_cat, xa, spec.scales, r)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _launch_dx(dys, spec.bases, g, a_cat, spec.keys, spec.p, r, x2.shape[1])
+        da_cat = _launch_da(x2, g, spec.keys, spec.p, r, S)
+        grads = []
+        for s, (da, db) in enumerate(zip(da_cat.split(r), db_cat.split([b.out_features for b in spec.bases]))):
+            grads += [da.to(ctx.ab_dtypes[2 * s]), db.to(ctx.ab_dtypes[2 * s + 1])]
+        grads = [gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[2:])]
+        return (dx, None, *grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_reference(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list, p: float = 0.0,
+                   keys: torch.Tensor | None = None, base_backend: str = "reference") -> list[torch.Tensor]:
+    """The PyTorch reference of `lora_forward` (same dropout mask), differentiable by autograd.
+
+    x (..., K) in the compute dtype; the adapter branch runs in fp32 (as PEFT does with fp32
+    adapters) and is added to the base output in the compute dtype. base_backend None lets an NF4
+    base take its Triton GEMV on CUDA (the few-row path of `lora_forward`).
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    ys = []
+    for s, (base, a, b, scale) in enumerate(zip(bases, As, Bs, scales)):
+        y = base.matmul(x2, base_backend)
+        xd = x2.float()
+        if p > 0:
+            keep = dropout_keep_reference(keys[s], x2.shape[0], K, p)
+            xd = torch.where(keep, xd / (1.0 - p), 0.0)
+        lora = F.linear(F.linear(xd, a.float()), b.float()) * scale
+        ys.append((y + lora.to(y.dtype)).reshape(*x.shape[:-1], -1))
+    return ys
+
+
+def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
+    return backend == "triton" or (backend is None and x.is_cuda)
+
+
+def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list, p: float = 0.0,
+                 keys: torch.Tensor | None = None, backend: str | None = None) -> list[torch.Tensor]:
+    """[base_s(x) + scale_s * (dropout_s(x) A_s^T) B_s^T] for 1 to 3 projections sharing x.
+
+    x (..., K); bases: `Base` list (all NF4 or all dense); As (r, K), Bs (N_s, r), one rank r.
+    p: dropout probability (0 in eval); keys: (S, 2) int32 dropout keys, drawn when None.
+    Outputs are (..., N_s) in x's dtype; the kernels run in the bases' compute dtype.
+    """
+    S = len(bases)
+    if not 1 <= S <= MAX_SEGMENTS or not len(As) == len(Bs) == len(scales) == S:
+        raise ValueError(f"lora_forward takes 1 to {MAX_SEGMENTS} projections with one A, B and scale each")
+    K = x.shape[-1]
+    r = As[0].shape[0]
+    for base, a, b in zip(bases, As, Bs):
+        if base.in_features != K or tuple(a.shape) != (r, K) or tuple(b.shape) != (base.out_features, r):
+            raise ValueError(f"lora_forward: x has {K} features, base {tuple(base.weight.shape)}, "
+                             f"A {tuple(a.shape)}, B {tuple(b.shape)}: shapes disagree (one rank for all)")
+    if len({b.is_nf4 for b in bases}) > 1:
+        raise ValueError("lora_forward: the projections must all be NF4 or all dense")
+    dtype = bases[0].dtype_for(x)
+    xc = x.to(dtype)
+    if p > 0 and keys is None:
+        keys = new_dropout_keys(S, x.device)
+    if keys is None:
+        keys = torch.zeros((S, 2), dtype=torch.int32, device=x.device)
+    if not _use_triton(x, backend) or x.numel() == 0:
+        ys = lora_reference(xc, bases, As, Bs, scales, p, keys)
+    elif backend is None and x.numel() // K <= SMALL_M:
+        # Decoding: a few rows. The NF4 GEMV reads W faster than a GEMM tile can; the adapter's two
+        # skinny matmuls are negligible there.
+        ys = lora_reference(xc, bases, As, Bs, scales, p, keys, base_backend=None)
+    else:
+        x2 = xc.reshape(-1, K).contiguous()
+        spec = _Spec(list(bases), [float(s) for s in scales], float(p), keys, r)
+        ab = [t for pair in zip(As, Bs) for t in pair]
+        ys = _LoRAFunction.apply(x2, spec, *ab)
+        ys = [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return [y.to(x.dtype) for y in ys]
+
+
+def _layer_args(layer):
+    p = layer.dropout_p if layer.training else 0.0
+    return base_of(layer.base), layer.lora_A.weight, layer.lora_B.weight, layer.scale, p
+
+
+def lora_linear(x: torch.Tensor, layer, backend: str | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """y = layer(x) for a LoRALinear `layer` (base nn.Linear or NF4Linear), x (..., K), fused.
+
+    Dropout applies in training mode (layer.training); its mask comes from `keys` (1, 2) or fresh
+    keys. The entry point LoRALinear's forward calls on CUDA tensors.
+    """
+    base, a, b, scale, p = _layer_args(layer)
+    return lora_forward(x, [base], [a], [b], [scale], p, keys, backend)[0]
+
+
+def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer, backend: str | None = None,
+             keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_layer(x), k_layer(x), v_layer(x)) in one fused launch per step, x read once.
+
+    Each projection keeps its own dropout mask (keys (3, 2)). Layers that cannot share a launch
+    (merged, different ranks or dropout, NF4 mixed with dense) run one by one.
+    """
+    layers = (q_layer, k_layer, v_layer)
+    args = [_layer_args(layer) for layer in layers]
+    same = (not any(layer.merged for layer in layers)
+            and len({a.shape[0] for _, a, _, _, _ in args}) == 1
+            and len({p for *_, p in args}) == 1
+            and len({base.is_nf4 for base, *_ in args}) == 1
+            and len({base.dtype_for(x) for base, *_ in args}) == 1)
+    if not same:
+        return tuple(layer(x) for layer in layers)
+    bases, As, Bs, scales, ps = zip(*args)
+    return tuple(lora_forward(x, list(bases), list(As), list(Bs), list(scales), ps[0], keys, backend))
