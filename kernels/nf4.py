@@ -26,14 +26,16 @@ Kernels (each beside a pure-PyTorch reference; CUDA tensors take Triton, CPU ten
 Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused GEMMs
 (kernels/lora.py, the MoE kernels):
 
-    w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+    w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
                          offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED)
 
   - returns W[offs_n, k_start : k_start + BLOCK_K] as fp32, shape (BLOCK_N, BLOCK_K); cast it to the
     dot dtype yourself. Elements outside the (N, K) weight come out exactly 0.0 (masked loads read
-    NF4 code 7, which is zero), so the tile can go straight into tl.dot.
-  - pointers are the NF4Tensor fields in this order: packed, absmax, absmax2, code2, offset (a
-    1-element fp32 tensor, read in-kernel so no host sync), qmap (the 16 NF4 values, fp32).
+    the byte 0x77, NF4 code 7 twice, which is zero), so the tile can go straight into tl.dot.
+  - the six pointers are `NF4Tensor.tensors()` in order: packed, absmax, absmax2, code2, offset (a
+    0-d fp32 tensor, read in-kernel so no host sync) and the byte table `nf4_pairs` (256 int64:
+    the fp32 bits of NF4[b >> 4] in the low and of NF4[b & 15] in the high word of entry b), so one
+    gather per byte yields both of its values, exactly.
   - offs_n: (BLOCK_N,) int row indices (output features); k_start: a multiple of BLOCK_K.
   - K_ALIGNED (constexpr) = K % 64 == 0: each row then starts on a byte and block boundary and the
     helper loads BLOCK_K // 2 contiguous bytes and one absmax per 64 columns; BLOCK_K must be a
@@ -95,6 +97,20 @@ def dynamic_map(device=None) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_table(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(256,) table: entry b holds the bits of NF4[b >> 4] (low half) and NF4[b & 15] (high half)."""
+    bits = nf4_code().to(dtype).view({torch.float32: torch.int32}.get(dtype, torch.int16))
+    b = torch.arange(256)
+    wide = {torch.float32: torch.int64}.get(dtype, torch.int32)
+    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(wide).view(-1).to(device)
+
+
+def nf4_pairs(device) -> torch.Tensor:
+    """(256,) int64: the two exact fp32 NF4 values of each byte (the kernels' lookup table)."""
+    return _pair_table(str(device), torch.float32)
+
+
 @dataclass
 class NF4Tensor:
     """A weight in NF4 with double quant, laid out as bitsandbytes lays it out.
@@ -120,16 +136,19 @@ class NF4Tensor:
     def numel(self) -> int:
         return self.shape.numel()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The six tensors in kernel-argument order (packed, absmax, absmax2, code2, offset, qmap)."""
+    def fields(self) -> tuple[torch.Tensor, ...]:
         return (self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.qmap)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The six kernel arguments: packed, absmax, absmax2, code2, offset, nf4_pairs(device)."""
+        return (self.packed, self.absmax, self.absmax2, self.code2, self.offset, nf4_pairs(self.device))
+
     def to(self, device) -> "NF4Tensor":
-        return NF4Tensor(*(t.to(device) for t in self.tensors()), shape=self.shape, dtype=self.dtype)
+        return NF4Tensor(*(t.to(device) for t in self.fields()), shape=self.shape, dtype=self.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
@@ -267,8 +286,17 @@ def nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask):
 
 
 @triton.jit
+def nf4_byte_values(pairs_ptr, packed):
+    """Both fp32 values of each packed byte, (..., 2): one int64 gather from the pair table."""
+    pairs = tl.load(pairs_ptr + packed.to(tl.int32))
+    first = pairs.to(tl.int32).to(tl.float32, bitcast=True)  # high nibble: the even element
+    second = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.join(first, second)
+
+
+@triton.jit
 def nf4_dequant_tile(
-    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
     offs_n, k_start, N, K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ALIGNED: tl.constexpr,
 ):
@@ -280,16 +308,16 @@ def nf4_dequant_tile(
         offs_b = k_start // 2 + tl.arange(0, BLOCK_K // 2)
         b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
         packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
-        codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))  # high nibble first
-        vals = tl.load(qmap_ptr + codes.to(tl.int32))  # (BLOCK_N, BLOCK_K) fp32
-        GROUPS: tl.constexpr = BLOCK_K // 64 if BLOCK_K >= 64 else 1
-        offs_g = k_start // 64 + tl.arange(0, GROUPS)
+        vals = tl.reshape(nf4_byte_values(pairs_ptr, packed), (BLOCK_N, BLOCK_K))  # element order
+        if BLOCK_K <= 64:  # the tile lies in one quant block per row
+            blk = rows * (K // 64) + k_start // 64
+            scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_mask)  # (BN,)
+            return vals * scale[:, None]
+        offs_g = k_start // 64 + tl.arange(0, BLOCK_K // 64)
         g_mask = n_mask[:, None] & (offs_g[None, :] < K // 64)
         scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                           rows[:, None] * (K // 64) + offs_g[None, :], g_mask)  # (BLOCK_N, GROUPS)
-        if GROUPS == 1:
-            return vals * scale
-        vals = tl.reshape(vals, (BLOCK_N, GROUPS, 64)) * scale[:, :, None]
+                           rows[:, None] * (K // 64) + offs_g[None, :], g_mask)  # (BN, BK // 64)
+        vals = tl.reshape(vals, (BLOCK_N, BLOCK_K // 64, 64)) * scale[:, :, None]
         return tl.reshape(vals, (BLOCK_N, BLOCK_K))
     else:
         # Any K: element e = n * K + k; its byte e // 2 (high nibble if e is even), block e // 64.
@@ -297,9 +325,9 @@ def nf4_dequant_tile(
         mask = n_mask[:, None] & (offs_k[None, :] < K)
         e = rows[:, None] * K + offs_k[None, :]
         packed = tl.load(w_ptr + e // 2, mask=mask, other=0x77)
-        codes = tl.where(e % 2 == 0, packed >> 4, packed & 0xF).to(tl.int32)
-        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // 64, mask)
-        return tl.load(qmap_ptr + codes) * scale
+        code = tl.where(e % 2 == 0, packed >> 4, packed & 0xF).to(tl.int32)
+        value = tl.load(pairs_ptr + (code << 4)).to(tl.int32).to(tl.float32, bitcast=True)  # NF4[code]
+        return value * nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // 64, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,22 +337,22 @@ def nf4_dequant_tile(
 
 @triton.jit
 def _nf4_dequant_kernel(
-    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, out_ptr, n_elements,
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, n_elements,
     BLOCKS: tl.constexpr,
 ):
     # One program: BLOCKS quantization blocks = BLOCKS x 32 bytes in, BLOCKS x 64 values out.
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (R,)
     offs_b = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (R, 32)
     packed = tl.load(w_ptr + offs_b, mask=offs_b < (n_elements + 1) // 2, other=0x77)
-    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCKS, 64))
+    vals = tl.reshape(nf4_byte_values(pairs_ptr, packed), (BLOCKS, 64))  # (R, 64) fp32
     scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < (n_elements + 63) // 64)
-    vals = tl.load(qmap_ptr + codes.to(tl.int32)) * scale[:, None]  # (R, 64) fp32
+    vals = vals * scale[:, None]
     offs_e = blk[:, None] * 64 + tl.arange(0, 64)[None, :]
     tl.store(out_ptr + offs_e, vals.to(out_ptr.dtype.element_ty), mask=offs_e < n_elements)
 
 
-def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int = 64,
-                          num_warps: int = 4) -> torch.Tensor:
+def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int = 32,
+                          num_warps: int = 8) -> torch.Tensor:
     """Triton dequant: equal to dequantize_nf4_reference bit for bit."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
     n = q.numel()
@@ -351,7 +379,7 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _nf4_gemm_kernel(
-    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -367,7 +395,7 @@ def _nf4_gemm_kernel(
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
                              offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
         if W_AS_A:
             acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
@@ -384,7 +412,7 @@ def _nf4_gemm_kernel(
 
 @triton.jit
 def _nf4_gemm_dx_kernel(
-    dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, dx_ptr,
+    dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, dx_ptr,
     M, N, K, stride_dym, stride_dxm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -402,7 +430,7 @@ def _nf4_gemm_dx_kernel(
     for n_start in range(0, N, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_rows + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
                              offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(dy.dtype)
         if W_AS_A:
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc=acc, input_precision=DOT_PRECISION)  # (BK, BM)
@@ -424,7 +452,7 @@ def _nf4_gemm_dx_kernel(
 
 @triton.jit
 def _nf4_gemv_kernel(
-    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr, pair_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, pairs16_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, PAIR_LUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -450,7 +478,7 @@ def _nf4_gemv_kernel(
                 offs_b = k0 // 2 + tl.arange(0, 32)
                 b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
                 packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
-                pairs = tl.load(pair_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
+                pairs = tl.load(pairs16_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
                 first = pairs.to(tl.int16).to(x.dtype, bitcast=True)
                 second = (pairs >> 16).to(tl.int16).to(x.dtype, bitcast=True)
                 codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))
@@ -461,7 +489,7 @@ def _nf4_gemv_kernel(
         else:
             offs_k = k_start + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, qmap_ptr,
+            w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
                                  offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
             acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
     y_tile = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]  # (BN, BM), transposed view
@@ -470,14 +498,6 @@ def _nf4_gemv_kernel(
         tl.atomic_add(y_tile, acc, mask=mask)
     else:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
-    """(256,) int32: for byte b, NF4[b >> 4] in the low and NF4[b & 15] in the high 16 bits."""
-    bits = nf4_code().to(dtype).view(torch.int16)
-    b = torch.arange(256)
-    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int32).view(-1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,9 +600,9 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
     else:
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     pair_lut = c["BLOCK_K"] % BLOCKSIZE == 0 and K % BLOCKSIZE == 0 and x.dtype in (torch.float16, torch.bfloat16)
-    pairs = _pair_lut(str(x.device), x.dtype) if pair_lut else q.qmap  # (unused when not pair_lut)
+    pairs16 = _pair_table(str(x.device), x.dtype) if pair_lut else q.packed  # unused unless pair_lut
     _nf4_gemv_kernel[(n_tiles, split)](
-        x, *q.tensors(), pairs, y, M, N, K, x.stride(0), y.stride(0), k_per_split,
+        x, *q.tensors(), pairs16, y, M, N, K, x.stride(0), y.stride(0), k_per_split,
         BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1,
         K_ALIGNED=K % BLOCKSIZE == 0, PAIR_LUT=pair_lut, DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],

@@ -187,7 +187,8 @@ def wrap_modules(model: nn.Module, ranks: dict[str, tuple[int, float]], dropout:
         if _never(name) or not _is_linear(module):
             raise EngineError(f"cannot put a LoRA on {name!r}: it is not a linear layer that may be adapted "
                               "(the router and lm_head stay frozen).")
-        setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora))
+        # The new layer takes the wrapped one's train/eval mode (an eval model stays in eval).
+        setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora).train(module.training))
     return list(ranks)
 
 

@@ -198,15 +198,15 @@ def test_gemv_pair_table_path_multi_block_steps(block_k):
     assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_pair_table_holds_both_nibbles(dtype):
-    """Byte b -> (NF4[b >> 4], NF4[b & 15]) in x's dtype, first value in the low 16 bits."""
-    pairs = K._pair_lut("cpu", dtype)
-    first = (pairs & 0xFFFF).to(torch.int16).view(dtype)
-    second = (pairs >> 16).to(torch.int16).view(dtype)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pair_tables_hold_both_nibbles(dtype):
+    """Byte b -> (NF4[b >> 4], NF4[b & 15]), the first value in the low half of the entry:
+    int64 with exact fp32 values (every kernel's table), int32 with 16-bit values (decode)."""
+    pairs = K.nf4_pairs("cpu") if dtype == torch.float32 else K._pair_table("cpu", dtype)
+    halves = pairs.view(torch.int32 if dtype == torch.float32 else torch.int16).view(256, 2).view(dtype)
     b = torch.arange(256)
-    assert torch.equal(first, K.nf4_code()[b >> 4].to(dtype))
-    assert torch.equal(second, K.nf4_code()[b & 15].to(dtype))
+    assert torch.equal(halves[:, 0], K.nf4_code()[b >> 4].to(dtype))
+    assert torch.equal(halves[:, 1], K.nf4_code()[b & 15].to(dtype))
 
 
 def test_gemv_default_config_and_row_limit():

@@ -1,0 +1,169 @@
+"""Fused LoRA kernels (through TRITON_INTERPRET=1 on CPU) against the reference and plain autograd.
+
+Every case checks the output and dX, dA, dB three ways: the Triton kernels, `lora_reference`, and a
+plain PyTorch LoRA in fp64 built here (same dropout mask), on odd shapes, fp16 and fp32, a dense
+and an NF4 base. fp16 tolerances are relative to the largest value (fp16 inputs, fp32 accumulation).
+"""
+import pytest
+import torch
+
+from kernels.lora import (Base, dropout_keep_reference, keep_threshold, lora_forward, lora_linear, lora_qkv,
+                          lora_reference, new_dropout_keys)
+from kernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from models.lora import LoRALinear
+from models.nf4 import NF4Linear
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def _rel(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-12)).item()
+
+
+def _make(nf4, dtype, M, K, Ns, r, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bases = []
+    for n in Ns:
+        w = torch.randn(n, K, generator=g) * 0.05
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        bases.append(Base(quantize_nf4(w) if nf4 else w.to(dtype), b))
+    As = [(torch.randn(r, K, generator=g) * 0.1).requires_grad_() for _ in Ns]
+    Bs = [(torch.randn(n, r, generator=g) * 0.1).requires_grad_() for n in Ns]
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    return x, bases, As, Bs
+
+
+def _plain(x, base, a, b, scale, p, keys):
+    """A plain PyTorch LoRA in fp64: x W^T + bias + scale * (dropout(x) A^T) B^T."""
+    w = dequantize_nf4_reference(base.weight, torch.float64) if base.is_nf4 else base.weight.double()
+    x64 = x.double()
+    y = x64 @ w.T + (0 if base.bias is None else base.bias.double())
+    xd = x64
+    if p > 0:
+        xd = torch.where(dropout_keep_reference(keys, *x.shape, p), x64 / (1 - p), 0.0)
+    return y + scale * (xd @ a.double().T) @ b.double().T
+
+
+def _grads(outputs, leaves, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    gys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in outputs]
+    return torch.autograd.grad(outputs, leaves, gys), gys
+
+
+CASES = [  # (nf4, dtype, M, K, Ns, r, p, bias)
+    (False, torch.float32, 37, 96, (80,), 8, 0.0, True),
+    (False, torch.float16, 33, 128, (48,), 16, 0.1, False),
+    (True, torch.float32, 37, 128, (80,), 8, 0.0, False),
+    (True, torch.float32, 19, 96, (48,), 5, 0.25, False),  # K not a multiple of 64, odd rank
+    (True, torch.float16, 65, 128, (80,), 16, 0.1, True),
+    (True, torch.float16, 40, 192, (48, 16, 16), 8, 0.1, False),  # q, k, v in one launch
+    (False, torch.float32, 21, 64, (64, 32, 32), 4, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("nf4,dtype,M,K,Ns,r,p,bias", CASES)
+def test_kernels_match_reference_and_plain_autograd(nf4, dtype, M, K, Ns, r, p, bias):
+    x, bases, As, Bs = _make(nf4, dtype, M, K, Ns, r, bias)
+    scales = [2.0, 0.5, 1.5][: len(Ns)]
+    keys = new_dropout_keys(len(Ns), "cpu")
+    leaves = [x, *As, *Bs]
+    got = lora_forward(x, bases, As, Bs, scales, p, keys, backend="triton")
+    ref = lora_reference(x, bases, As, Bs, scales, p, keys)
+    plain = [_plain(x, *args, p, k) for *args, k in zip(bases, As, Bs, scales, keys)]
+    for y, yr, yp in zip(got, ref, plain):
+        assert y.dtype == dtype and y.shape == yp.shape
+        assert _rel(y, yp) <= TOL[dtype]
+        assert _rel(yr, yp) <= TOL[dtype]
+    grads, gys = _grads(got, leaves)
+    grads_ref, _ = _grads(ref, leaves)
+    grads_plain = torch.autograd.grad([y for y in plain], leaves, [gy.double() for gy in gys])
+    for name, gk, gr, gp in zip(["dX"] + ["dA"] * len(Ns) + ["dB"] * len(Ns), grads, grads_ref, grads_plain):
+        assert gk.dtype == (dtype if name == "dX" else torch.float32), name
+        assert _rel(gk, gp) <= TOL[dtype], name
+        assert _rel(gr, gp) <= TOL[dtype], name
+
+
+def test_dropout_mask_is_the_reference_mask_bit_for_bit():
+    """W = 0, A = I, B = I: the kernel's output is scale * dropout(x) exactly, so its mask shows."""
+    M, K, p = 45, 32, 0.3
+    x = torch.randn(M, K) + 3.0  # no zeros in x, so a zero output means a dropped element
+    base = Base(torch.zeros(K, K))
+    eye = torch.eye(K)
+    keys = new_dropout_keys(1, "cpu")
+    y = lora_forward(x, [base], [eye], [eye], [1.0], p, keys, backend="triton")[0]
+    keep = dropout_keep_reference(keys[0], M, K, p)
+    assert torch.equal(y != 0, keep)
+    torch.testing.assert_close(y[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
+
+
+def test_dropout_mask_statistics():
+    p = 0.1
+    keys = new_dropout_keys(2, "cpu")
+    a = dropout_keep_reference(keys[0], 512, 1024, p)
+    b = dropout_keep_reference(keys[1], 512, 1024, p)
+    assert abs(a.float().mean().item() - (1 - p)) < 3e-3
+    assert abs(a.float().mean(1).std().item() - (p * (1 - p) / 1024) ** 0.5) < 3e-3  # rows independent
+    both = (~a & ~b).float().mean().item()  # two keys: independent masks
+    assert abs(both - p * p) < 2e-3
+    assert keep_threshold(0.0) == 0 and dropout_keep_reference(keys[0], 4, 4, 0.0).all()
+
+
+def test_zero_dropout_ignores_keys_and_eval_layer_has_no_dropout():
+    x, bases, As, Bs = _make(False, torch.float32, 17, 64, (32,), 4)
+    y1 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, "cpu"), backend="triton")[0]
+    y2 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, "cpu"), backend="triton")[0]
+    assert torch.equal(y1, y2)
+
+
+def _layer(base, r=8, p=0.1, seed=0):
+    torch.manual_seed(seed)
+    layer = LoRALinear(base, r=r, alpha=16, dropout=p)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_lora_linear_on_layers_matches_their_pytorch_forward(kind):
+    """lora_linear(x, layer) (the CUDA hook's entry) equals LoRALinear's PyTorch forward in eval,
+    takes (B, T, K) inputs, and in training gives the reference's output and gradients."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True)
+    base = NF4Linear.from_linear(linear) if kind == "nf4" else linear
+    layer = _layer(base).eval()
+    x = torch.randn(2, 9, 96, requires_grad=True)
+    got = lora_linear(x, layer, backend="triton")
+    want = layer(x)  # CPU: the PyTorch forward
+    assert got.shape == (2, 9, 80)
+    assert _rel(got, want) <= 2e-5
+    layer.train()
+    keys = new_dropout_keys(1, "cpu")
+    got = lora_linear(x, layer, backend="triton", keys=keys)
+    ref = lora_linear(x, layer, backend="reference", keys=keys)
+    leaves = [x, layer.lora_A.weight, layer.lora_B.weight]
+    assert _rel(got, ref) <= 2e-5
+    for gk, gr in zip(_grads([got], leaves)[0], _grads([ref], leaves)[0]):
+        assert _rel(gk, gr) <= 2e-5
+
+
+def test_lora_qkv_equals_three_lora_linear_calls():
+    torch.manual_seed(0)
+    layers = [_layer(NF4Linear.from_linear(torch.nn.Linear(64, n, bias=False)), seed=i)
+              for i, n in enumerate((64, 32, 32))]
+    x = torch.randn(3, 7, 64, dtype=torch.float32, requires_grad=True)
+    keys = new_dropout_keys(3, "cpu")
+    fused = lora_qkv(x, *layers, backend="triton", keys=keys)
+    alone = [lora_linear(x, layer, backend="triton", keys=keys[i:i + 1]) for i, layer in enumerate(layers)]
+    leaves = [x] + [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    for a, b in zip(fused, alone):
+        assert a.shape == b.shape and _rel(a, b) <= 1e-6
+    for ga, gb in zip(_grads(list(fused), leaves)[0], _grads(alone, leaves)[0]):
+        assert _rel(ga, gb) <= 1e-5
+
+
+def test_only_adapter_grads_when_x_needs_none():
+    """The first layer's input (embeddings) needs no gradient: dX is skipped, dA/dB still come."""
+    x, bases, As, Bs = _make(True, torch.float32, 20, 64, (48,), 4)
+    x = x.detach()
+    y = lora_forward(x, bases, As, Bs, [1.0], 0.1, backend="triton")[0]
+    y.sum().backward()
+    assert As[0].grad is not None and Bs[0].grad is not None and torch.isfinite(As[0].grad).all()
