@@ -38,18 +38,26 @@ TARGETS = dict(dequant_TBps=2.4, gemm8192_over_cublas=1.05, decode1_TBps=2.0)
 GEMM_SWEEP = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_AS_A=True, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_AS_A=False, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, W_AS_A=True, num_warps=8, num_stages=3),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, W_AS_A=False, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, W_AS_A=True, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_AS_A=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, W_AS_A=True, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, W_AS_A=True, num_warps=4, num_stages=4),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, W_AS_A=True, num_warps=4, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, W_AS_A=True, num_warps=8, num_stages=2),
+]
+DX_SWEEP = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, W_AS_A=False, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, W_AS_A=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, W_AS_A=False, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_AS_A=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, W_AS_A=False, num_warps=4, num_stages=3),
 ]
 GEMV_SWEEP = [
-    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 512, 4, 2),
-                         (128, 128, 4, 3), (128, 256, 8, 3), (32, 512, 4, 3), (16, 512, 4, 4)]
+    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s, SPLIT_K=sk)
+    for bn, bk, w, s, sk in [(128, 128, 8, 3, None), (64, 64, 4, 4, None), (64, 128, 4, 4, None),
+                             (128, 64, 4, 4, None), (128, 128, 8, 4, None), (128, 256, 8, 3, None),
+                             (128, 128, 8, 3, 1), (128, 128, 8, 3, 4), (64, 128, 4, 4, 8)]
 ]
-DEQUANT_SWEEP = [dict(blocks=b, num_warps=w) for b in (16, 32, 64, 128) for w in (4, 8)]
+DEQUANT_SWEEP = [dict(blocks=b, num_warps=w) for b, w in [(8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]]
 
 RESULTS: dict = {"env": env_info(), "targets": TARGETS, "correctness": [], "rows": [], "sweep": {},
                  "errors": {}}
@@ -221,7 +229,7 @@ def main():
                 x = torch.randn(m, Kd, device=dev, dtype=torch.bfloat16)
                 sweep[f"gemm_M{m}"] = [dict(c, us=timed(lambda: K.nf4_gemm(x, q, c))) for c in GEMM_SWEEP]
             dy = torch.randn(8192, N, device=dev, dtype=torch.bfloat16)
-            sweep["dx_M8192"] = [dict(c, us=timed(lambda: K.nf4_gemm_dx(dy, q, c))) for c in GEMM_SWEEP]
+            sweep["dx_M8192"] = [dict(c, us=timed(lambda: K.nf4_gemm_dx(dy, q, c))) for c in DX_SWEEP]
             for name in ("w1/w3 4096->14336", "w2 14336->4096", "k/v 4096->1024"):
                 qd = weights[name]["q"]
                 x1 = torch.randn(1, qd.shape[1], device=dev, dtype=torch.bfloat16)

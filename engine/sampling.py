@@ -8,6 +8,15 @@ uniform draw for (seed, stream, step, token) is a hash of those four numbers. A 
 tokens therefore depend only on its own stream id (the caller's row id and the sample index),
 never on what else shares the batch, so a shared prefill gives exactly the tokens of
 independent runs, on CPU and GPU alike.
+
+Decode steps run on static buffers (`_Decoder`): the last tokens, their positions and cache slot,
+the step counter, the outputs and the done flags are device tensors updated in place, and a step
+needs nothing from the host. On CUDA the step is captured once in a CUDA graph (after one eager
+step that warms up kernels and caches) and replayed for every further step, so a step costs its
+GPU time instead of ~1000 Python-issued launches. A replay runs the same kernels on the same
+inputs as the eager step, so the tokens are the same. Where the model cannot run a step without
+the host (the MoE expert loop, taken for more than `kernels.moe.MAX_PAIRS` (token, slot) pairs or
+non-NF4 experts), or capture fails, decoding stays eager; `LAST_DECODE` says which path ran.
 """
 from __future__ import annotations
 
@@ -26,19 +35,31 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: int, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(S,) stream ids -> (S, vocab) uniforms in (0, 1), a pure function of its arguments."""
-    device = streams.device
-    key = _hash32(_hash32(torch.tensor(seed & _M32, device=device)) ^ streams.long())  # (S,)
-    key = _hash32(key ^ (step * 0x9E3779B9 & _M32))  # (S,)
-    tok = _hash32(torch.arange(vocab, device=device, dtype=torch.long) * 0x85EBCA6B)  # (V,)
+def stream_keys(seed: int, streams: torch.Tensor) -> torch.Tensor:
+    """(S,) stream ids -> (S,) per-stream keys of the noise hash."""
+    return _hash32(_hash32(torch.tensor(seed & _M32, device=streams.device)) ^ streams.long())
+
+
+def token_hashes(vocab: int, device) -> torch.Tensor:
+    """(V,) the per-token half of the noise hash."""
+    return _hash32(torch.arange(vocab, device=device, dtype=torch.long) * 0x85EBCA6B)
+
+
+def _noise(keys: torch.Tensor, step, tok: torch.Tensor) -> torch.Tensor:
+    """(S, V) uniforms in (0, 1) from stream keys (S,), a step (int or (1,) tensor), token hashes (V,)."""
+    key = _hash32(keys ^ (step * 0x9E3779B9 & _M32))  # (S,)
     bits = _hash32(key[:, None] ^ tok[None, :]) >> 8  # (S, V), 24 random bits
     return (bits.float() + 0.5) / float(1 << 24)
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, seed: int,
-                streams: torch.Tensor, step: int) -> torch.Tensor:
-    """logits (S, V) -> next tokens (S,). temperature <= 0 means greedy."""
+def uniform_noise(seed: int, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(S,) stream ids -> (S, vocab) uniforms in (0, 1), a pure function of its arguments."""
+    return _noise(stream_keys(seed, streams), step, token_hashes(vocab, streams.device))
+
+
+def _sample(logits: torch.Tensor, keys: torch.Tensor, step, tok: torch.Tensor, temperature: float,
+            top_p: float) -> torch.Tensor:
+    """logits (S, V) -> next tokens (S,); no host sync (step may be a device tensor)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -49,20 +70,154 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, seed:
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, streams, step, logits.shape[-1])))
+    gumbel = -torch.log(-torch.log(_noise(keys, step, tok)))
     return (logits + gumbel).argmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, seed: int,
+                streams: torch.Tensor, step: int) -> torch.Tensor:
+    """logits (S, V) -> next tokens (S,). temperature <= 0 means greedy."""
+    return _sample(logits, stream_keys(seed, streams), step, token_hashes(logits.shape[-1], logits.device),
+                   temperature, top_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop: static buffers, one in-place step, optionally replayed from a CUDA graph
+# ----------------------------------------------------------------------------------------------
+
+LAST_DECODE: dict = {"cuda_graph": False, "why_not": "no decoding yet"}  # what the last generate() ran
+
+
+class _Decoder:
+    """The state of R = B*N decoding sequences as device tensors that keep their addresses.
+
+    tok (R,) the last sampled tokens; pos (R,) their RoPE positions; slot (1,) their KV-cache slot;
+    t (1,) the index of the last sampled token; out (R, max_new) the tokens (pad after EOS);
+    lengths (R,) where each stopped; done (R,) finished; hit (R,) finished at the last step.
+    `step` changes them only in place and never reads them on the host: it can be captured.
+    """
+
+    def __init__(self, model, mask: torch.Tensor, next_pos: torch.Tensor, first_slot: int,
+                 keys: torch.Tensor, vocab: int, *, max_new_tokens: int, temperature: float,
+                 top_p: float, eos: torch.Tensor, pad_id: int):
+        R, device = next_pos.shape[0], next_pos.device
+        self.model, self.mask, self.keys, self.eos = model, mask, keys, eos
+        self.tok_hash = token_hashes(vocab, device)  # (V,)
+        self.temperature, self.top_p, self.pad_id = temperature, top_p, pad_id
+        self.tok = torch.full((R,), pad_id, dtype=torch.long, device=device)
+        self.pos = next_pos.clone()
+        self.slot = torch.full((1,), first_slot, dtype=torch.long, device=device)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        self.lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
+        self.done = torch.zeros(R, dtype=torch.bool, device=device)
+        self.hit = torch.zeros(R, dtype=torch.bool, device=device)
+
+    def record(self, logits: torch.Tensor) -> None:
+        """Sample token t from logits (R, V) and write it into the outputs."""
+        tok = _sample(logits, self.keys, self.t, self.tok_hash, self.temperature, self.top_p)
+        tok = tok.masked_fill(self.done, self.pad_id)  # (R,)
+        self.tok.copy_(tok)
+        self.out.scatter_(1, self.t.expand(tok.shape[0])[:, None], tok[:, None])
+        hit = (tok[:, None] == self.eos[None, :]).any(dim=-1) & ~self.done
+        self.hit.copy_(hit)
+        self.lengths.copy_(torch.where(hit, self.t, self.lengths))
+        self.done |= hit
+
+    def step(self) -> None:
+        """Forward the last tokens into their cache slot, then sample and record the next ones."""
+        logits = self.model(self.tok[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
+                            input_pos=self.slot)[:, -1]  # (R, V)
+        self.t += 1
+        self.slot += 1
+        self.pos += 1
+        self.record(logits)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.tok, self.pos, self.slot, self.t, self.out, self.lengths, self.done, self.hit]
+
+
+def _graph_safe(model, rows: int, device: torch.device) -> str | None:
+    """None when a decode step of `rows` tokens needs no host sync, else the reason it does."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    for name, m in model.named_modules():
+        check = getattr(m, "uses_decode_kernels", None)  # models.moe.SparseMoE
+        if check is not None and not check(rows, device):
+            return f"{name} runs its expert loop for {rows} tokens (host sync)"
+    return None
+
+
+class _GraphStep:
+    """Calls `step` eagerly once on a side stream (the warm-up: Triton compiles, caches fill), then
+    captures it in a CUDA graph and replays that graph. If capture fails it stays eager."""
+
+    def __init__(self, step, device: torch.device):
+        self.step, self.device = step, device
+        self.stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = False
+        self.failed: str | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.failed is not None:
+            self.step()
+        elif not self.warm:
+            self._on_side_stream(self.step)
+            self.warm = True
+        else:
+            self.graph = self._capture()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+
+    def _on_side_stream(self, fn) -> None:
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            fn()
+        main.wait_stream(self.stream)
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        # capture_begin/end directly: torch.cuda.graph would also run gc.collect() and empty the
+        # allocator cache, which costs more than many decode steps. thread_local: a sync issued by
+        # this thread fails the capture; other threads (data loaders) may go on.
+        graph = torch.cuda.CUDAGraph()
+        error = []
+
+        def capture():
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
+                error.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception as exc:  # noqa: BLE001
+                    error.append(f"{type(exc).__name__}: {exc}")
+
+        self._on_side_stream(capture)
+        if error:
+            self.failed = "capture failed: " + error[0][:300]
+            return None
+        return graph
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, samples: int = 1,
              temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, eos_ids=(),
              pad_id: int = 0, stream_ids: list[int] | None = None,
-             on_step=None) -> list[list[list[int]]]:
+             on_step=None, cuda_graph: bool = True) -> list[list[list[int]]]:
     """Decode `samples` continuations of each prompt; returns tokens[row][sample] (EOS excluded).
 
     stream_ids: a stable id per prompt (e.g. its row number in the dataset) that keys its random
     stream; by default the prompt's index in this call. on_step(n_new_tokens) is called after
-    every decode step (progress bars).
+    every decode step (progress bars). cuda_graph: replay decode steps from a CUDA graph when the
+    model is on CUDA and its step is graph-safe (else, silently, eager steps; see LAST_DECODE).
     """
     device = next(model.parameters()).device
     B, N = len(prompts), samples
@@ -77,6 +232,9 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
     streams = (stream_base[:, None] * N + torch.arange(N, device=device)).reshape(-1)  # (B*N,)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
 
+    why_not = "cuda_graph=False" if not cuda_graph else _graph_safe(model, B * N, device)
+    LAST_DECODE.update(cuda_graph=False, why_not=why_not)
+    runner = None
     model.setup_kv_cache(B, L + max_new_tokens)
     try:
         logits = model(ids, attention_mask=mask, position_ids=pos,
@@ -85,27 +243,25 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
             model.repeat_kv_cache(N)
             logits = logits.repeat_interleave(N, dim=0)  # (B*N, V)
             mask = mask.repeat_interleave(N, dim=0)
-        next_pos = pos[:, -1].repeat_interleave(N) + 1  # (B*N,)
-        out = torch.full((B * N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(B * N, dtype=torch.bool, device=device)
-        lengths = torch.full((B * N,), max_new_tokens, dtype=torch.long, device=device)
+        dec = _Decoder(model, mask, pos[:, -1].repeat_interleave(N) + 1, L, stream_keys(seed, streams),
+                       logits.shape[-1], max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, eos=eos, pad_id=pad_id)
+        dec.record(logits)  # token 0, from the prefill's logits
+        runner = dec.step if why_not is not None else _GraphStep(dec.step, device)
         for t in range(max_new_tokens):
-            tok = sample_next(logits, temperature=temperature, top_p=top_p, seed=seed,
-                              streams=streams, step=t)  # (B*N,)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, t] = tok
-            hit = torch.isin(tok, eos) & ~done
-            lengths = torch.where(hit, torch.full_like(lengths, t), lengths)
-            done |= hit
+            if t > 0:
+                runner()
+            alive, hit = torch.stack([(~dec.done).sum(), dec.hit.sum()]).tolist()
             if on_step is not None:
-                on_step(int((~done).sum()) + int(hit.sum()))
-            if bool(done.all()) or t == max_new_tokens - 1:
+                on_step(alive + hit)
+            if alive == 0:
                 break
-            logits = model(tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                           input_pos=torch.tensor([L + t], device=device))[:, -1]
-            next_pos = next_pos + 1
+        if isinstance(runner, _GraphStep):
+            LAST_DECODE.update(cuda_graph=runner.graph is not None,
+                               why_not=runner.failed or (None if runner.graph else "fewer than 3 steps"))
+        out, lengths = dec.out.cpu(), dec.lengths.cpu()
     finally:
         model.clear_kv_cache()
-    out, lengths = out.cpu(), lengths.cpu()
+        del runner  # frees the graph and its memory pool
     seqs = [out[i, :lengths[i]].tolist() for i in range(B * N)]
     return [seqs[b * N:(b + 1) * N] for b in range(B)]

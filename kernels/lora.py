@@ -11,8 +11,9 @@ Kernels (one to three projections that share the input x: q, k and v read x in o
                      its epilogue, before the single store of y (y is never written and re-read)
   _lora_dy_kernel    g (M, S*r) = scale_s * dY_s B_s and dB_s = dY_s^T xa_s: one pass over dY
   _lora_dx_kernel    dX = sum_s dY_s W_s + mask_s/(1-p) * (g_s A_s): the base dX GEMM with the
-                     adapter's input gradient added in its epilogue
-  _lora_da_kernel    dA_s = g_s^T dropout_s(x): one pass over x
+                     adapter's input gradient added in its epilogue, which also reads its x tile
+                     once and adds dA_s += g_s^T dropout_s(x) (so no separate pass over x)
+  _lora_da_kernel    dA_s = g_s^T dropout_s(x) alone, for inputs that need no gradient
 
 Dropout is regenerated, never stored: element (m, k) of projection s is kept when a counter-based
 hash of (m, k, key_s) clears a threshold. The hash (`lowbias32`, two rounds per row, one per
@@ -140,19 +141,23 @@ def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr,
+            EVEN: tl.constexpr):
     """W[offs_n, k_start : k_start + BLOCK_K] (BLOCK_N, BLOCK_K), zero outside W.
 
     NF4: dequantized in registers (fp32). Dense: loaded from the contiguous (N, K) weight; the
-    five NF4 statistics pointers are then unused.
+    five NF4 statistics pointers are then unused. EVEN: every tile lies inside W (no masks).
     """
     if NF4:
         w = nf4_dequant_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED)
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED, EVEN)
     else:
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+        w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        if EVEN:
+            w = tl.load(w_tile)
+        else:
+            w = tl.load(w_tile, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
     return w
 
 
@@ -200,7 +205,7 @@ def _lora_fwd_kernel(
     M, K, N0, N1, N2, R, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NSEG: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One launch over the n-tiles of all segments (q, k, v side by side): every program reads its
     # x row tile, so one launch reads x from HBM about once. Y^T tile = W X^T (W is the MMA's A
@@ -225,7 +230,7 @@ def _lora_fwd_kernel(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
-                    BLOCK_N, BLOCK_K, NF4, K_ALIGNED).to(x.dtype)  # (BN, BK)
+                    BLOCK_N, BLOCK_K, NF4, K_ALIGNED, EVEN).to(x.dtype)  # (BN, BK)
         acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=PRECISION)  # (BN, BM)
 
     # Epilogue: the low-rank update B_seg xa_seg^T (fp32 operands: tf32 on 16-bit runs).
@@ -287,13 +292,15 @@ def _lora_dx_kernel(
     dy0, w0, am0, am20, c20, off0, qm0,
     dy1, w1, am1, am21, c21, off1, qm1,
     dy2, w2, am2, am22, c22, off2, qm2,
-    g_ptr, a_ptr, keys_ptr, dx_ptr, M, K, N0, N1, N2, R, keep_thr, inv_keep,
+    g_ptr, a_ptr, keys_ptr, dx_ptr, x_ptr, da_ptr, M, K, N0, N1, N2, R, stride_xm, keep_thr, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NSEG: tl.constexpr, NF4: tl.constexpr, K_ALIGNED: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN: tl.constexpr, DROPOUT: tl.constexpr, FUSE_DA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dX^T tile (BK, BM) = sum_seg W_seg^T dY_seg^T over each segment's N (W never materialized),
     # then the adapter term mask/(1-p) * (A_seg^T g_seg^T) in the epilogue, then one store.
+    # FUSE_DA: the epilogue also reads this program's x tile (each x element is read once over the
+    # grid) and adds dropout(x)^T g into dA (atomics over row tiles): no separate pass over x.
     pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_start = pid_k * BLOCK_K
@@ -314,7 +321,7 @@ def _lora_dx_kernel(
             offs_n = n_start + tl.arange(0, BLOCK_N)
             dy = tl.load(dy_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
             w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
-                        BLOCK_N, BLOCK_K, NF4, K_ALIGNED).to(dy.dtype)  # (BN, BK)
+                        BLOCK_N, BLOCK_K, NF4, K_ALIGNED, EVEN).to(dy.dtype)  # (BN, BK)
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc=acc, input_precision=PRECISION)  # (BK, BM)
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -330,6 +337,14 @@ def _lora_dx_kernel(
             acc += tl.where(keep, lora * inv_keep, 0.0)
         else:
             acc = tl.dot(tl.trans(a), tl.trans(g), acc=acc, input_precision=PRECISION)
+        if FUSE_DA:
+            xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
+                         mask=(offs_k[:, None] < K) & m_mask[None, :], other=0.0).to(tl.float32)  # (BK, BM)
+            if DROPOUT:
+                xt = tl.where(keep, xt * inv_keep, 0.0)
+            da = tl.dot(xt, g, input_precision=PRECISION)  # (BK, BR) = dA_seg^T tile
+            tl.atomic_add(da_ptr + (seg * R + offs_r).to(tl.int64)[None, :] * K + offs_k[:, None], da,
+                          mask=(offs_k[:, None] < K) & r_mask[None, :], sem="relaxed")
     dx_tile = dx_ptr + offs_m.to(tl.int64)[None, :] * K + offs_k[:, None]
     tl.store(dx_tile, acc.to(dx_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & m_mask[None, :])
 
@@ -404,7 +419,7 @@ class Base:
         """(w, absmax, absmax2, code2, offset, qmap) pointers; a dense weight fills all six."""
         if self.is_nf4:
             return self.weight.tensors()
-        return (self.weight,) * 6
+        return (self.weight.contiguous(),) * 6  # the kernels assume rows of stride K
 
 
 def base_of(module) -> Base:
@@ -436,17 +451,22 @@ def _pad3(items: list) -> list:
     return items + [items[0]] * (MAX_SEGMENTS - len(items))
 
 
-def _launch_down(x2, a_cat, keys, scales, p, r):
+DOWN_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3)
+DY_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+DA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _launch_down(x2, a_cat, keys, scales, p, r, config=None):
     M, K = x2.shape
     S = len(scales)
+    c = dict(DOWN_CONFIG, **(config or {}))
     xa = torch.empty((M, S * r), dtype=torch.float32, device=x2.device)
-    BM, BK = 32, 128 if K >= 128 else max(16, triton.next_power_of_2(K))
     sc = _pad3(list(scales))
-    _lora_down_kernel[(S, triton.cdiv(M, BM))](
+    _lora_down_kernel[(S, triton.cdiv(M, c["BLOCK_M"]))](
         x2, a_cat, keys, xa, M, K, r, x2.stride(0), sc[0], sc[1], sc[2],
         keep_threshold(p), 1.0 / (1.0 - p),
-        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
-        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=3,
+        BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
+        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return xa
 
@@ -456,6 +476,11 @@ def _config(default: dict, nf4: bool, K: int, config: dict | None) -> dict:
     if nf4 and K % 64:  # the per-element NF4 gather needs ~100 KB of shared memory per stage
         c["num_stages"] = min(c["num_stages"], 2)
     return c
+
+
+def _even(Ns: list, K: int, c: dict) -> bool:
+    """Every weight tile lies inside its weight: the GEMMs may load W without masks."""
+    return K % 64 == 0 and K % c["BLOCK_K"] == 0 and all(n % c["BLOCK_N"] == 0 for n in Ns)
 
 
 def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
@@ -473,60 +498,64 @@ def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
         M, K, N3[0], N3[1], N3[2], r, x2.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
         GROUP_M=c["GROUP_M"], NSEG=len(bases), NF4=bases[0].is_nf4, K_ALIGNED=K % 64 == 0,
-        HAS_BIAS=bias_cat is not None, PRECISION=_precision(x2.dtype),
+        EVEN=_even(Ns, K, c), HAS_BIAS=bias_cat is not None, PRECISION=_precision(x2.dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return ys
 
 
-def _launch_dy(dys, b_cat, xa, scales, r):
+def _launch_dy(dys, b_cat, xa, scales, r, config=None):
     M = xa.shape[0]
     S = len(dys)
     Ns = [dy.shape[1] for dy in dys]
+    c = dict(DY_CONFIG, **(config or {}))
     g = torch.zeros((M, S * r), dtype=torch.float32, device=xa.device)
     db = torch.zeros((sum(Ns), r), dtype=torch.float32, device=xa.device)
-    BM, BN = 32, 128
-    num_n = sum(triton.cdiv(n, BN) for n in Ns)
-    rows = _rows_per_prog(M, num_n, BM, xa.device)
+    num_n = sum(triton.cdiv(n, c["BLOCK_N"]) for n in Ns)
+    rows = _rows_per_prog(M, num_n, c["BLOCK_M"], xa.device)
     N3 = Ns + [0] * (MAX_SEGMENTS - S)
     sc = _pad3(list(scales))
     _lora_dy_kernel[(num_n, triton.cdiv(M, rows))](
         *_pad3(list(dys)), b_cat, xa, g, db, M, N3[0], N3[1], N3[2], r, rows, sc[0], sc[1], sc[2],
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=_block_r(r), NSEG=S, PRECISION=_precision(dys[0].dtype),
-        num_warps=4, num_stages=3,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_R=_block_r(r), NSEG=S,
+        PRECISION=_precision(dys[0].dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return g, db
 
 
-def _launch_dx(dys, bases, g, a_cat, keys, p, r, K, config=None):
+def _launch_dx(dys, bases, g, a_cat, keys, p, r, x2=None, config=None):
+    """dX (M, K); with x2 given, also dA_cat (S*r, K) fp32 from the same launch (else None)."""
     M = g.shape[0]
+    K = a_cat.shape[1]
     Ns = [b.out_features for b in bases]
     dx = torch.empty((M, K), dtype=dys[0].dtype, device=g.device)
+    da = None if x2 is None else torch.zeros((len(bases) * r, K), dtype=torch.float32, device=g.device)
     c = _config(dx_config(M, sum(Ns), K), bases[0].is_nf4, K, config)
     args = []
     for dy, base in zip(_pad3(list(dys)), _pad3(list(bases))):
         args += [dy, *base.kernel_args()]
     N3 = Ns + [0] * (MAX_SEGMENTS - len(Ns))
     _lora_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](
-        *args, g, a_cat, keys, dx, M, K, N3[0], N3[1], N3[2], r, keep_threshold(p), 1.0 / (1.0 - p),
+        *args, g, a_cat, keys, dx, dx if x2 is None else x2, dx if da is None else da,
+        M, K, N3[0], N3[1], N3[2], r, K if x2 is None else x2.stride(0), keep_threshold(p), 1.0 / (1.0 - p),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
         GROUP_M=c["GROUP_M"], NSEG=len(bases), NF4=bases[0].is_nf4, K_ALIGNED=K % 64 == 0,
-        DROPOUT=p > 0, PRECISION=_precision(dys[0].dtype),
+        EVEN=_even(Ns, K, c), DROPOUT=p > 0, FUSE_DA=x2 is not None, PRECISION=_precision(dys[0].dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    return dx
+    return dx, da
 
 
-def _launch_da(x2, g, keys, p, r, S):
+def _launch_da(x2, g, keys, p, r, S, config=None):
     M, K = x2.shape
+    c = dict(DA_CONFIG, **(config or {}))
     da = torch.zeros((S * r, K), dtype=torch.float32, device=x2.device)
-    BM, BK = 64, 64
-    k_tiles = triton.cdiv(K, BK)
-    rows = _rows_per_prog(M, S * k_tiles, BM, x2.device)
+    k_tiles = triton.cdiv(K, c["BLOCK_K"])
+    rows = _rows_per_prog(M, S * k_tiles, c["BLOCK_M"], x2.device)
     _lora_da_kernel[(S, k_tiles, triton.cdiv(M, rows))](
         x2, g, keys, da, M, K, r, x2.stride(0), rows, keep_threshold(p), 1.0 / (1.0 - p),
-        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
-        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=3,
+        BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
+        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return da
 
@@ -572,10 +601,10 @@ class _LoRAFunction(torch.autograd.Function):
         S, r = len(spec.bases), spec.r
         dys = [dy.contiguous() for dy in dys]
         g, db_cat = _launch_dy(dys, b_cat, xa, spec.scales, r)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _launch_dx(dys, spec.bases, g, a_cat, spec.keys, spec.p, r, x2.shape[1])
-        da_cat = _launch_da(x2, g, spec.keys, spec.p, r, S)
+        if ctx.needs_input_grad[0]:  # dX, with dA from the same launch's epilogue
+            dx, da_cat = _launch_dx(dys, spec.bases, g, a_cat, spec.keys, spec.p, r, x2)
+        else:  # no dX (the first layer's input): dA from its own pass over x
+            dx, da_cat = None, _launch_da(x2, g, spec.keys, spec.p, r, S)
         grads = []
         for s, (da, db) in enumerate(zip(da_cat.split(r), db_cat.split([b.out_features for b in spec.bases]))):
             grads += [da.to(ctx.ab_dtypes[2 * s]), db.to(ctx.ab_dtypes[2 * s + 1])]

@@ -21,7 +21,8 @@ Kernels (each beside a pure-PyTorch reference; CUDA tensors take Triton, CPU ten
                    16-bit x it reads both values of a byte from one 256-entry table and scales the
                    partial product of each 64-column block by its absmax (the weight is rounded as
                    NF4 value -> x.dtype, not NF4 value * absmax -> x.dtype: same size of error)
-  nf4_matmul       autograd entry point that picks among them     (`nf4_matmul_reference`)
+  nf4_matmul       autograd entry point that picks among them     (`nf4_matmul_reference`); from
+                   DENSE_MIN_ROWS rows (opt-in) it dequantizes W and calls cuBLAS instead
 
 Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused GEMMs
 (kernels/lora.py, the MoE kernels):
@@ -258,10 +259,11 @@ def _absmax_reference(q: NF4Tensor) -> torch.Tensor:
 def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W in `dtype` (default: q.dtype); equals bitsandbytes' dequantize_4bit."""
     n = q.numel()
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)  # (2 * bytes,)
     nblk = q.absmax.numel()
-    codes = torch.nn.functional.pad(codes, (0, nblk * BLOCKSIZE - codes.numel()), value=7)
-    vals = q.qmap[codes.long()].view(nblk, BLOCKSIZE) * _absmax_reference(q).view(-1, 1)  # fp32
+    vals = nf4_pairs(q.device)[q.packed.long()].view(torch.float32)  # (2 * bytes,) in element order
+    if vals.numel() != nblk * BLOCKSIZE:  # a partial last block
+        vals = torch.nn.functional.pad(vals, (0, nblk * BLOCKSIZE - vals.numel()))
+    vals = vals.view(nblk, BLOCKSIZE) * _absmax_reference(q).view(-1, 1)  # fp32, as bnb
     return vals.view(-1)[:n].to(dtype or q.dtype).view(q.shape)
 
 
@@ -298,16 +300,23 @@ def nf4_byte_values(pairs_ptr, packed):
 def nf4_dequant_tile(
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
     offs_n, k_start, N, K,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ALIGNED: tl.constexpr, EVEN: tl.constexpr = False,
 ):
-    """W[offs_n, k_start:k_start+BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); see the module docstring."""
+    """W[offs_n, k_start:k_start+BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); see the module docstring.
+
+    EVEN (optional): the caller guarantees the tile lies inside W (N % BLOCK_N == 0, K_ALIGNED and
+    K % BLOCK_K == 0), so the weight loads go unmasked (a third fewer instructions per element).
+    """
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
     if K_ALIGNED:
         # Row n holds K // 2 bytes and K // 64 blocks; this tile's bytes are contiguous per row.
         offs_b = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-        b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
-        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
+        w_tile = w_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+        if EVEN:
+            packed = tl.load(w_tile)
+        else:
+            packed = tl.load(w_tile, mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0x77)
         vals = tl.reshape(nf4_byte_values(pairs_ptr, packed), (BLOCK_N, BLOCK_K))  # element order
         if BLOCK_K <= 64:  # the tile lies in one quant block per row
             blk = rows * (K // 64) + k_start // 64
@@ -382,7 +391,7 @@ def _nf4_gemm_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_ALIGNED: tl.constexpr, EVEN: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -394,9 +403,12 @@ def _nf4_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if EVEN:  # K % BLOCK_K == 0: only the rows past M need masking
+            x = tl.load(x_rows + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED, EVEN).to(x.dtype)
         if W_AS_A:
             acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
         else:
@@ -415,7 +427,7 @@ def _nf4_gemm_dx_kernel(
     dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, dx_ptr,
     M, N, K, stride_dym, stride_dxm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    K_ALIGNED: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_ALIGNED: tl.constexpr, EVEN: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Output tile dX[offs_m, offs_k]; the reduction runs over W's rows (N) in BLOCK_N steps.
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -429,9 +441,12 @@ def _nf4_gemm_dx_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n_start in range(0, N, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_rows + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        if EVEN:  # N % BLOCK_N == 0: only the rows past M need masking
+            dy = tl.load(dy_rows + offs_n[None, :], mask=offs_m[:, None] < M, other=0.0)
+        else:
+            dy = tl.load(dy_rows + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(dy.dtype)
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED, EVEN).to(dy.dtype)
         if W_AS_A:
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc=acc, input_precision=DOT_PRECISION)  # (BK, BM)
         else:
@@ -455,7 +470,8 @@ def _nf4_gemv_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, pairs16_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, PAIR_LUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, EVEN: tl.constexpr, PAIR_LUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (pid_n, pid_k): rows offs_n of W over one K slice, all M (<= BLOCK_M = 16) tokens at
     # once; W is the MMA's A operand (BLOCK_N x 64 per step), the tokens padded to 16.
@@ -476,8 +492,11 @@ def _nf4_gemv_kernel(
                 offs_k = k0 + tl.arange(0, 64)
                 x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
                 offs_b = k0 // 2 + tl.arange(0, 32)
-                b_mask = n_mask[:, None] & (offs_b[None, :] < K // 2)
-                packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=b_mask, other=0x77)
+                w_tile = w_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+                if EVEN:
+                    packed = tl.load(w_tile)
+                else:
+                    packed = tl.load(w_tile, mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0x77)
                 pairs = tl.load(pairs16_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
                 first = pairs.to(tl.int16).to(x.dtype, bitcast=True)
                 second = (pairs >> 16).to(tl.int16).to(x.dtype, bitcast=True)
@@ -490,7 +509,7 @@ def _nf4_gemv_kernel(
             offs_k = k_start + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
             w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
-                                 offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED).to(x.dtype)
+                                 offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED, EVEN).to(x.dtype)
             acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
     y_tile = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]  # (BN, BM), transposed view
     mask = (offs_m[None, :] < M) & n_mask[:, None]
@@ -509,6 +528,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
+def _even(N: int, K: int, block_n: int, block_k: int) -> bool:
+    """Every weight tile lies inside W: its loads need no masks."""
+    return K % BLOCKSIZE == 0 and N % block_n == 0 and K % block_k == 0
+
+
 def _check_2d(a: torch.Tensor, cols: int, q: NF4Tensor, what: str) -> torch.Tensor:
     if a.dim() != 2 or a.shape[1] != cols or len(q.shape) != 2:
         raise ValueError(f"{what}: expected a 2-D input with {cols} columns for a 2-D NF4 weight "
@@ -518,8 +542,11 @@ def _check_2d(a: torch.Tensor, cols: int, q: NF4Tensor, what: str) -> torch.Tens
     return a.contiguous()
 
 
+# Default tiles, chosen by SASS instruction counts per weight element (sm_90, triton 3.9) before
+# any GPU timing; benchmarks/nf4.py sweeps alternatives. All keep W_AS_A where the MMA can take the
+# dequantized tile from registers; dX prefers the tile as the MMA's B operand.
 def gemm_config(M: int, N: int, K: int) -> dict:
-    """Default fused-GEMM tiles (forward and dX); benchmarks/nf4.py sweeps alternatives."""
+    """Fused-GEMM tiles for Y = X W^T (M rows)."""
     if M <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
     if M <= 256:
@@ -528,12 +555,17 @@ def gemm_config(M: int, N: int, K: int) -> dict:
 
 
 def dx_config(M: int, N: int, K: int) -> dict:
-    cfg = gemm_config(M, K, N)
-    return cfg  # same tile family: BLOCK_N reduces over W's rows, BLOCK_K spans dX's columns
+    """dX = dY W tiles: BLOCK_N steps over W's rows (the reduction), BLOCK_K spans dX's columns."""
+    if M <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_AS_A=False, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, W_AS_A=False, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, W_AS_A=False, num_warps=8, num_stages=3)
 
 
 def gemv_config(M: int, N: int, K: int) -> dict:
-    return dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=None, num_warps=4, num_stages=3)
+    """Skinny tiles; SPLIT_K None: enough K slices for about two programs per SM."""
+    return dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_warps=8, num_stages=3)
 
 
 def nf4_gemm(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
@@ -549,8 +581,9 @@ def nf4_gemm(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
     _nf4_gemm_kernel[grid](
         x, *q.tensors(), y, M, N, K, x.stride(0), y.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-        K_ALIGNED=K % BLOCKSIZE == 0, W_AS_A=c["W_AS_A"], DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
+        K_ALIGNED=K % BLOCKSIZE == 0, EVEN=_even(N, K, c["BLOCK_N"], c["BLOCK_K"]), W_AS_A=c["W_AS_A"],
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
+        enable_fp_fusion=False,
     )
     return y
 
@@ -570,8 +603,9 @@ def nf4_gemm_dx(dy: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> t
     _nf4_gemm_dx_kernel[grid](
         dy, *q.tensors(), dx, M, N, K, dy.stride(0), dx.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
-        K_ALIGNED=K % BLOCKSIZE == 0, W_AS_A=c["W_AS_A"], DOT_PRECISION=_dot_precision(dy.dtype),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
+        K_ALIGNED=K % BLOCKSIZE == 0, EVEN=_even(N, K, c["BLOCK_N"], c["BLOCK_K"]), W_AS_A=c["W_AS_A"],
+        DOT_PRECISION=_dot_precision(dy.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
+        enable_fp_fusion=False,
     )
     return dx
 
@@ -604,7 +638,8 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
     _nf4_gemv_kernel[(n_tiles, split)](
         x, *q.tensors(), pairs16, y, M, N, K, x.stride(0), y.stride(0), k_per_split,
         BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1,
-        K_ALIGNED=K % BLOCKSIZE == 0, PAIR_LUT=pair_lut, DOT_PRECISION=_dot_precision(x.dtype),
+        K_ALIGNED=K % BLOCKSIZE == 0, EVEN=_even(N, K, c["BLOCK_N"], c["BLOCK_K"]), PAIR_LUT=pair_lut,
+        DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return y.to(x.dtype)
@@ -613,6 +648,13 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
 # ----------------------------------------------------------------------------------------------
 # Entry point with autograd
 # ----------------------------------------------------------------------------------------------
+
+
+# Rows from which nf4_matmul (forward and dX) dequantizes W into a transient dense tensor and calls
+# cuBLAS instead of the fused kernel. None: always fused. The fused GEMM spends ~17 instructions per
+# weight element on each of its BLOCK_M-row tiles, so at large M it is ALU-bound; benchmarks/nf4.py
+# times both ("dequant_cublas_us") so this can be set from measurements.
+DENSE_MIN_ROWS: int | None = None
 
 
 def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
@@ -624,6 +666,10 @@ def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
     return backend == "triton" or (backend is None and t.is_cuda)
+
+
+def _dense(rows: int) -> bool:
+    return DENSE_MIN_ROWS is not None and rows >= DENSE_MIN_ROWS
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -638,6 +684,8 @@ class _NF4Matmul(torch.autograd.Function):
             y2 = torch.nn.functional.linear(x2, dequantize_nf4_reference(q, x.dtype))
         elif x2.shape[0] <= 16:
             y2 = nf4_gemv(x2, q)
+        elif _dense(x2.shape[0]):
+            y2 = torch.nn.functional.linear(x2, dequantize_nf4_triton(q, x.dtype))
         else:
             y2 = nf4_gemm(x2, q)
         return y2.reshape(*x.shape[:-1], N)
@@ -647,10 +695,12 @@ class _NF4Matmul(torch.autograd.Function):
         q = ctx.q
         N, K = q.shape
         dy2 = dy.reshape(-1, N)
-        if _use_triton(dy, ctx.backend):
-            dx2 = nf4_gemm_dx(dy2, q)
-        else:
+        if not _use_triton(dy, ctx.backend):
             dx2 = dy2 @ dequantize_nf4_reference(q, dy.dtype)
+        elif _dense(dy2.shape[0]):
+            dx2 = dy2 @ dequantize_nf4_triton(q, dy.dtype)
+        else:
+            dx2 = nf4_gemm_dx(dy2, q)
         return dx2.reshape(*dy.shape[:-1], K), None, None
 
 

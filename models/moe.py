@@ -1,15 +1,25 @@
-"""The Mixtral sparse mixture-of-experts block (plain PyTorch reference path).
+"""The Mixtral sparse mixture-of-experts block.
 
 Routing follows Mixtral exactly: softmax over the router logits in fp32, top-k, renormalize the
 k weights to sum to one, cast back to the activation dtype. Each expert is a SwiGLU MLP
-w2(silu(w1 x) * w3 x). Tokens are grouped by expert so each expert runs one dense matmul over
-just the rows routed to it.
+w2(silu(w1 x) * w3 x).
+
+Two paths compute the experts:
+  - the reference loop (any weights, any token count, the CPU path, training): tokens are grouped
+    by expert so each expert runs one dense matmul over just the rows routed to it; the group
+    sizes come to the host (a sync), so it cannot live in a CUDA graph.
+  - the decode kernels (`kernels.moe`), on CUDA when the experts are NF4 and at most
+    `kernels.moe.MAX_PAIRS` (token, slot) pairs come in without needing a gradient: two launches
+    for all experts, every touched expert read once, no host sync, static shapes (graph-safe).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.moe import MAX_PAIRS, NF4Experts, moe_decode
+from models.nf4 import NF4Linear
 
 
 class Expert(nn.Module):
@@ -34,18 +44,34 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's `block_sparse_moe`: a linear router `gate` and `experts.{e}`."""
+    """Mixtral's `block_sparse_moe`: a linear router `gate` and `experts.{e}`.
+
+    backend: None picks per call (decode kernels on CUDA when eligible, else the loop);
+    "reference" always loops; "triton" takes the kernels whenever the experts allow it, on any
+    device (tests run them on CPU through the Triton interpreter).
+    """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden, intermediate) for _ in range(num_experts))
+        self.backend: str | None = None
+        self._nf4_cache: tuple | None = None  # (packed buffers it was built from, NF4Experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts = route(self.gate(x), self.top_k, x.dtype)  # (N, k), (N, k)
+        nf4 = self._decode_experts(x.shape[0], x.device, x.requires_grad)
+        if nf4 is not None:
+            experts_nf4, dtype = nf4
+            out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4).to(x.dtype)
+        else:
+            out = self._forward_loop(x, weights, experts)
+        return out.reshape(shape)
+
+    def _forward_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         # Sort the (token, slot) pairs by expert once, then run each expert over its rows.
         flat_expert = experts.reshape(-1)  # (N*k,)
@@ -61,4 +87,57 @@ class SparseMoE(nn.Module):
             y = self.experts[e](x[rows]) * weight_of[start:start + n, None]  # (n, D)
             out.index_add_(0, rows, y)
             start += n
-        return out.reshape(shape)
+        return out
+
+    # ---- the decode kernels ----
+
+    def uses_decode_kernels(self, num_tokens: int, device, requires_grad: bool = False) -> bool:
+        """Whether forward on `num_tokens` tokens takes the sync-free kernel path (CUDA-graph safe)."""
+        return self._eligible(num_tokens, device, requires_grad) and self._nf4_linears() is not None
+
+    def _eligible(self, num_tokens: int, device, requires_grad: bool) -> bool:
+        if self.backend == "reference" or num_tokens * self.top_k > MAX_PAIRS:
+            return False
+        if self.backend != "triton" and torch.device(device).type != "cuda":
+            return False
+        return not (requires_grad and torch.is_grad_enabled())  # no backward: training loops
+
+    def _nf4_linears(self) -> list[NF4Linear] | None:
+        """w1, w3, w2 of every expert (in that order) as NF4Linear without bias and of one compute
+        dtype, else None. A merged LoRA wrapper counts as its NF4 base (its forward is the base's)."""
+        mods = []
+        for ex in self.experts:
+            for m in (ex.w1, ex.w3, ex.w2):
+                if getattr(m, "merged", False):
+                    m = getattr(m, "base", None)
+                if not isinstance(m, NF4Linear) or m.bias is not None or m.weight.is_meta:
+                    return None
+                mods.append(m)
+        if len({m.compute_dtype for m in mods}) != 1:
+            return None
+        return mods
+
+    def _decode_experts(self, num_tokens: int, device, requires_grad: bool):
+        """(NF4Experts, compute dtype) when this call takes the kernels, else None.
+
+        The pointer tables are built once and rebuilt only when an expert's packed buffer is
+        replaced (a reload or re-quantization); moving the module drops them (`_apply`).
+        """
+        if not self._eligible(num_tokens, device, requires_grad):
+            return None
+        mods = self._nf4_linears()
+        if mods is None:
+            return None
+        packed = [m.weight for m in mods]
+        cached = self._nf4_cache
+        if cached is None or len(cached[0]) != len(packed) or any(a is not b for a, b in zip(cached[0], packed)):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("SparseMoE: expert weights changed during CUDA-graph capture; "
+                                   "run one step eagerly before capturing")
+            q = [m.nf4 for m in mods]
+            cached = self._nf4_cache = (packed, NF4Experts.build(q[0::3], q[1::3], q[2::3]))
+        return cached[1], mods[0].compute_dtype
+
+    def _apply(self, fn, recurse=True):
+        self._nf4_cache = None  # moved or cast: the tables would point at the old buffers
+        return super()._apply(fn, recurse)

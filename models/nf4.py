@@ -117,8 +117,9 @@ class NF4Linear(nn.Module):
             for name, t in stats.items():
                 self._buffers[name] = t
         device = self.weight.device
-        for name in _STATS:
-            self._buffers[name] = self._buffers[name].to(device)
+        for name in _STATS:  # meta statistics (an unloaded layer) follow fn, e.g. to_empty()
+            t = self._buffers[name]
+            self._buffers[name] = fn(t) if t.is_meta and device.type != "meta" else t.to(device)
         return self
 
     # ---- bitsandbytes-format state dict ----

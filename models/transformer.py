@@ -75,8 +75,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        B, T, _ = x.shape
+    def forward(self, x, B, T, cos, sin, mask, input_pos):
+        """x (B*T, C): linear layers see 2-D inputs (CPU matmuls on (B, 1, C) are pathologically slow)."""
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -89,7 +89,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -117,8 +117,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, B, T, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), B, T, cos, sin, mask, input_pos)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
         return x + ffn(self.post_attention_layernorm(x))
 
@@ -208,13 +208,13 @@ class Transformer(nn.Module):
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=device)
             position_ids = base[None].expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        x = self.model.embed_tokens(input_ids).view(B * T, -1)  # (B*T, C)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._attention_mask(attention_mask, input_pos if cached else None, T, S, device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(layer, x, B, T, cos, sin, mask, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, B, T, cos, sin, mask, input_pos)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return (x if return_hidden else self.lm_head(x)).view(B, T, -1)

@@ -58,6 +58,8 @@ CASES = [  # (nf4, dtype, M, K, Ns, r, p, bias)
     (True, torch.float16, 65, 128, (80,), 16, 0.1, True),
     (True, torch.float16, 40, 192, (48, 16, 16), 8, 0.1, False),  # q, k, v in one launch
     (False, torch.float32, 21, 64, (64, 32, 32), 4, 0.0, True),
+    (True, torch.float16, 33, 128, (64,), 16, 0.1, False),  # tiles divide W: unmasked weight loads
+    (True, torch.float32, 50, 64, (128, 64, 64), 8, 0.0, False),
 ]
 
 
@@ -167,3 +169,74 @@ def test_only_adapter_grads_when_x_needs_none():
     y = lora_forward(x, bases, As, Bs, [1.0], 0.1, backend="triton")[0]
     y.sum().backward()
     assert As[0].grad is not None and Bs[0].grad is not None and torch.isfinite(As[0].grad).all()
+
+
+# A child process without the interpreter compiles every launch for sm_90 (Triton bundles ptxas),
+# so a kernel that would not build on an H100, or would need more than its 227 KB of shared memory
+# per block, fails here on a CPU machine.
+_COMPILE_FOR_H100 = r'''
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+         torch.int32: "*i32", torch.int64: "*i64"}
+H100_SMEM = 232448
+
+def compile_instead(self, *args, grid, warmup, **kwargs):
+    bound = dict(zip([p.name for p in self.params], args), **kwargs)
+    opts = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+    sig, consts = {}, {}
+    for p in self.params:
+        v = bound[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = TYPES[v.dtype]
+        else:
+            sig[p.name] = "fp32" if isinstance(v, float) else "i32"
+    c = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
+    assert c.metadata.shared <= H100_SMEM, (self.fn.__name__, c.metadata.shared)
+    print("compiled", self.fn.__name__, c.metadata.shared, flush=True)
+
+JITFunction.run = compile_instead
+from kernels import lora as L
+from kernels.nf4 import quantize_nf4
+
+M, K, Ns = {"mixtral_qkv": (5120, 4096, (4096, 1024, 1024)), "unaligned_k": (200, 96, (80,))}[sys.argv[1]]
+S, r = len(Ns), 16
+bases = [L.Base(quantize_nf4(torch.zeros(n, K))) for n in Ns]
+x, keys = torch.empty(M, K, dtype=torch.bfloat16), L.new_dropout_keys(S, "cpu")
+a, b = torch.zeros(S * r, K), torch.zeros(sum(Ns), r)
+xa, g = torch.zeros(M, S * r), torch.zeros(M, S * r)
+ys = [torch.empty(M, n, dtype=torch.bfloat16) for n in Ns]
+if S == 3:  # the two small passes once; the GEMMs for both shapes (their shared memory varies)
+    L._launch_down(x, a, keys, [1.0] * S, 0.1, r)
+    L._launch_dy(ys, b, xa, [1.0] * S, r)
+L._launch_fwd(x, xa, b, None, bases, r)
+L._launch_dx(ys, bases, g, a, keys, 0.1, r, x)
+'''
+
+
+def test_kernels_compile_for_h100():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    # Two shapes in two processes at once: Mixtral's q/k/v in one launch, and K % 64 != 0.
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_FOR_H100, case], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for case in ("mixtral_qkv", "unaligned_k")]
+    compiled = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        compiled += [line.split()[1] for line in stdout.splitlines() if line.startswith("compiled")]
+    assert compiled.count("_lora_fwd_kernel") == 2 and compiled.count("_lora_dx_kernel") == 2
+    assert "_lora_down_kernel" in compiled and "_lora_dy_kernel" in compiled

@@ -236,6 +236,17 @@ def test_nf4_matmul_triton_autograd(rows):
     assert _rel_err(x.grad, x_ref.grad) < 1e-5
 
 
+def test_nf4_matmul_dense_switch(monkeypatch):
+    """From DENSE_MIN_ROWS rows on, forward and dX dequantize (Triton) and call a dense matmul."""
+    monkeypatch.setattr(K, "DENSE_MIN_ROWS", 20)
+    _, q, w = _problem(1, 48, 128, torch.float32)
+    x = torch.randn(33, 128, device=DEV, requires_grad=True)
+    y = K.nf4_matmul(x, q, backend="triton")
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(y, x @ w.T, atol=1e-5)
+    assert torch.allclose(x.grad, torch.ones(33, 48, device=DEV) @ w, atol=1e-5)
+
+
 def test_nf4_matmul_reference_path_equals_dense():
     """On CPU the default path is dequantize-then-matmul: the same numbers as the dense weight."""
     q = K.quantize_nf4(torch.randn(48, 128) * 0.05)

@@ -94,6 +94,10 @@ def test_streaming_fill_from_meta():
     other = NF4Linear(192, 48, device="meta").load_quantized_(tensors)
     assert torch.equal(other.dequantize(), reference.dequantize())
     assert all(not t.is_meta for t in other.buffers())
+    empty = NF4Linear(192, 48, device="meta").to_empty(device="cpu")  # materialize, then load
+    assert all(t.device.type == "cpu" for t in empty.buffers())
+    empty.load_state_dict(tensors)
+    assert torch.equal(empty.dequantize(), reference.dequantize())
 
 
 def test_forward_matches_dequantized_weight_and_grads_reach_only_the_input():

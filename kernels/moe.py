@@ -1,0 +1,469 @@
+"""Fused Mixtral MoE decode over NF4 experts: a few tokens, every touched expert read once, no sync.
+
+Decoding pushes T <= 64 / top_k tokens through a sparse MoE block: P = T * top_k (token, slot)
+pairs, each routed to one of E experts. The PyTorch loop (models/moe.py) needs the routing on the
+host (a sync) and three launches per expert; here two launches serve all experts, with a grid
+that covers every expert and programs whose expert nobody picked exit at once:
+
+  kernel A  _moe_gate_up_kernel  grid (E, cdiv(I, BLOCK_N))
+            h[p] = silu(x[p // top_k] w1_e^T) * (x[p // top_k] w3_e^T)    for the pairs p routed to e
+            The w1 and w3 tiles of expert e are dequantized in registers and read once for all of
+            its pairs; x rows are gathered by token, never copied per pair.         -> h (P, I)
+  kernel B  _moe_down_kernel     grid (E, cdiv(C, BLOCK_N), SPLIT_K)
+            y[s, p] = weight[p] * h[p, K-slice s] w2_e[:, K-slice s]^T (fp32)        -> y (S, P, C)
+  combine   out[t] = sum over s and k of y[s, t * top_k + k]       (one static-shape torch sum)
+
+Choices, and why:
+  - Experts are addressed through per-expert pointer tables, not stacked copies: a (5, E) int64
+    table of data_ptrs per projection, rows packed, absmax, absmax2, code2, offset (the
+    per-tensor NF4 fields), so each expert keeps its own double-quant offset and nothing is duplicated
+    (Mixtral's experts are ~24 GB in NF4; a stacked copy would not fit beside training). The
+    table is built once per layer (`NF4Experts.build`) and holds references to the tensors, so the
+    pointers stay valid. Kernels turn an entry into a pointer with `.to(tl.pointer_type(...))` and
+    tell the compiler packed rows are 16-byte aligned (checked on the host) so loads vectorize.
+  - The routing weight is applied in kernel B's epilogue; the sum over top_k slots (and split-K
+    slices) is a plain torch reduction of fp32 partials, not atomics: the result is
+    deterministic, so a CUDA-graph replay and an eager step give the same bits.
+  - Pairs are padded to BLOCK_P = 16, 32 or 64 rows of the MMA's N side; rows of pairs routed
+    elsewhere load as zeros and are never stored. The weight tile is the A operand (BLOCK_N rows).
+  - Dequantization, chosen per launch (constexpr DEQUANT):
+      0  `kernels.nf4.nf4_dequant_tile`: fp32 tile, any K, any dtype (fp32 x; K % 64 != 0); its
+         lookup table is the one `NF4Tensor.tensors()` hands to kernels.
+      1  byte-pair table (256 x int32, both values of a byte in x's dtype): one gather per byte;
+         the absmax scales each 64-column partial product (nf4_gemv's decode path does the same).
+      2  nibble table: 16 NF4 values in x's dtype, one gather per element from a 32-byte table
+         (one L1 sector, where the 1 KB pair table spreads a warp's gather over 8 lines).
+    1 and 2 round the weight as NF4 value -> x.dtype, then scale in fp32 (error of the same size
+    as rounding the dequantized weight); they need 16-bit x and K % 64 == 0.
+
+Each launcher has a pure-PyTorch reference (`moe_gate_up_reference`, `moe_down_reference`,
+`moe_decode_reference`). Entry point: `moe_decode(x, weights, experts, nf4_experts)`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.nf4 import BLOCKSIZE, NF4_VALUES, NF4Tensor, dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile
+
+MAX_PAIRS = 64  # (token, slot) pairs one launch serves: BLOCK_P <= 64 rows of the MMA
+_FIELDS = 5  # pointer-table rows: packed, absmax, absmax2, code2, offset
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert weights as pointer tables
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NF4Experts:
+    """E SwiGLU experts in NF4: w1, w3 (I, C) and w2 (C, I), addressed by pointer tables.
+
+    table13 (2, 5, E) int64 holds the data_ptrs of w1's and w3's per-tensor fields (packed, absmax,
+    absmax2, code2, offset), table2 (5, E) those of w2; the NF4Tensor lists keep that memory alive
+    for as long as the tables are used.
+    """
+
+    w1: list[NF4Tensor]
+    w3: list[NF4Tensor]
+    w2: list[NF4Tensor]
+    table13: torch.Tensor
+    table2: torch.Tensor
+    packed_aligned: bool  # every packed buffer starts on 16 bytes (the kernels' load hint)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.w1)
+
+    @property
+    def hidden(self) -> int:
+        return self.w1[0].shape[1]
+
+    @property
+    def intermediate(self) -> int:
+        return self.w1[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.table2.device
+
+    def expert_nbytes(self) -> int:
+        """NF4 bytes one expert's three weights occupy (codes, absmax codes, nested absmax)."""
+        q = (self.w1[0], self.w3[0], self.w2[0])
+        return sum(t.packed.numel() + t.absmax.numel() + 4 * t.absmax2.numel() for t in q)
+
+    @classmethod
+    def build(cls, w1: list[NF4Tensor], w3: list[NF4Tensor], w2: list[NF4Tensor]) -> "NF4Experts":
+        """Pointer tables over the experts' own buffers (host work only, one small copy)."""
+        E = len(w1)
+        if E == 0 or len(w3) != E or len(w2) != E:
+            raise ValueError(f"NF4Experts: need the same number (> 0) of w1, w3, w2, got {len(w1)}, {len(w3)}, {len(w2)}")
+        I, C = w1[0].shape
+        device = w1[0].device
+        for name, qs, shape in (("w1", w1, (I, C)), ("w3", w3, (I, C)), ("w2", w2, (C, I))):
+            for e, q in enumerate(qs):
+                if tuple(q.shape) != shape:
+                    raise ValueError(f"NF4Experts: {name} of expert {e} has shape {tuple(q.shape)}, expected {shape}")
+                if q.device != device:
+                    raise ValueError(f"NF4Experts: {name} of expert {e} is on {q.device}, expert 0's w1 on {device}")
+
+        def table(qs):  # (5, E)
+            return [[t.data_ptr() for t in (q.packed for q in qs)],
+                    [t.data_ptr() for t in (q.absmax for q in qs)],
+                    [t.data_ptr() for t in (q.absmax2 for q in qs)],
+                    [t.data_ptr() for t in (q.code2 for q in qs)],
+                    [t.data_ptr() for t in (q.offset for q in qs)]]
+
+        ptrs13 = torch.tensor([table(w1), table(w3)], dtype=torch.int64)
+        ptrs2 = torch.tensor(table(w2), dtype=torch.int64)
+        aligned = all(q.packed.data_ptr() % 16 == 0 for q in (*w1, *w3, *w2))
+        return cls(list(w1), list(w3), list(w2), ptrs13.to(device), ptrs2.to(device), aligned)
+
+
+@triton.jit
+def _expert_fields(table_ptr, e, E, PACKED_ALIGNED: tl.constexpr):
+    """Expert e's NF4 pointers (packed, absmax, absmax2, code2, offset) from a (5, E) table."""
+    packed = tl.load(table_ptr + e).to(tl.pointer_type(tl.uint8))
+    if PACKED_ALIGNED:
+        packed = tl.multiple_of(packed, 16)
+    absmax = tl.load(table_ptr + E + e).to(tl.pointer_type(tl.uint8))
+    absmax2 = tl.load(table_ptr + 2 * E + e).to(tl.pointer_type(tl.float32))
+    code2 = tl.load(table_ptr + 3 * E + e).to(tl.pointer_type(tl.float32))
+    offset = tl.load(table_ptr + 4 * E + e).to(tl.pointer_type(tl.float32))
+    return packed, absmax, absmax2, code2, offset
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helper: one expert's weight tile times the gathered activations
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_dot(acc, at_ptr, at_mask, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+              lut_ptr, offs_n, k_start, N, K,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+              DEQUANT: tl.constexpr, K_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_P) += W[offs_n, k_start:+BLOCK_K] @ A^T for one expert.
+
+    at_ptr (BLOCK_P,) pointers to the activation row of each pair (its token's x, or its h row),
+    at_mask (BLOCK_P,) the pairs routed to this expert (the others load zeros). lut_ptr: the
+    lookup table of the DEQUANT mode (nf4_dequant_tile's table, the byte-pair or nibble table).
+    """
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    if DEQUANT == 0:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        at = tl.load(at_ptr[None, :] + offs_k[:, None], mask=at_mask[None, :] & (offs_k[:, None] < K),
+                     other=0.0)  # (BK, BP)
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, lut_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED)  # (BN, BK) fp32
+        acc = tl.dot(w.to(at.dtype), at, acc=acc, input_precision=DOT_PRECISION)
+    else:
+        # K % BLOCK_K == 0 and K % 64 == 0: whole 64-column quant blocks, no mask along K.
+        for g in tl.static_range(BLOCK_K // 64):
+            k0 = k_start + g * 64
+            offs_k = k0 + tl.arange(0, 64)
+            at = tl.load(at_ptr[None, :] + offs_k[:, None], mask=at_mask[None, :], other=0.0)  # (64, BP)
+            offs_b = k0 // 2 + tl.arange(0, 32)
+            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=n_mask[:, None],
+                             other=0x77)  # (BN, 32) uint8, two codes each
+            if DEQUANT == 1:
+                pairs = tl.load(lut_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
+                first = pairs.to(tl.int16).to(at.dtype, bitcast=True)
+                second = (pairs >> 16).to(tl.int16).to(at.dtype, bitcast=True)
+            else:
+                first = tl.load(lut_ptr + (packed >> 4).to(tl.int32))  # (BN, 32) in at.dtype
+                second = tl.load(lut_ptr + (packed & 0xF).to(tl.int32))
+            codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))  # element 2j = high nibble
+            scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                               rows * (K // 64) + k0 // 64, n_mask)  # (BN,) fp32
+            acc += tl.dot(codes, at, input_precision=DOT_PRECISION) * scale[:, None]
+    return acc
+
+
+@triton.jit
+def _routed_pairs(expert_ptr, e, P, BLOCK_P: tl.constexpr):
+    """(BLOCK_P,) pair indices, which of them expert e serves, and how many."""
+    offs_p = tl.arange(0, BLOCK_P)
+    ex = tl.load(expert_ptr + offs_p, mask=offs_p < P, other=-1)
+    routed = ex == e
+    return offs_p, routed, tl.sum(routed.to(tl.int32), axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel A: h = silu(x w1^T) * (x w3^T) per pair
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, expert_ptr, table_ptr, lut_ptr, h_ptr, P, E, stride_x,
+    N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DEQUANT: tl.constexpr, PACKED_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # N = I (output features), K = C (hidden). Program (e, n-tile): expert e's rows offs_n of w1, w3.
+    e = tl.program_id(0)
+    offs_p, routed, n_routed = _routed_pairs(expert_ptr, e, P, BLOCK_P)
+    if n_routed > 0:  # the experts nobody picked cost one tiny load
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_rows = x_ptr + (offs_p // TOP_K).to(tl.int64) * stride_x  # (BP,) each pair's token row
+        w1p, w1a, w1a2, w1c2, w1o = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+        w3p, w3a, w3a2, w3c2, w3o = _expert_fields(table_ptr + 5 * E, e, E, PACKED_ALIGNED)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            acc1 = _tile_dot(acc1, x_rows, routed, w1p, w1a, w1a2, w1c2, w1o, lut_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
+                             K % 64 == 0, DOT_PRECISION)
+            acc3 = _tile_dot(acc3, x_rows, routed, w3p, w3a, w3a2, w3c2, w3o, lut_ptr,
+                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
+                             K % 64 == 0, DOT_PRECISION)
+        h = acc1 * tl.sigmoid(acc1) * acc3  # (BN, BP) fp32: silu(gate) * up
+        h_tile = h_ptr + offs_p.to(tl.int64)[None, :] * N + offs_n[:, None]  # h is (P, N), transposed view
+        tl.store(h_tile, h.to(h_ptr.dtype.element_ty), mask=routed[None, :] & (offs_n[:, None] < N))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel B: y = weight * h w2^T per pair, split over K
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, expert_ptr, weight_ptr, table_ptr, lut_ptr, y_ptr, P, E,
+    N: tl.constexpr, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DEQUANT: tl.constexpr, PACKED_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # N = C (hidden), K = I. Program (e, n-tile, s): expert e's rows offs_n of w2 over K slice s.
+    e = tl.program_id(0)
+    offs_p, routed, n_routed = _routed_pairs(expert_ptr, e, P, BLOCK_P)
+    if n_routed > 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        h_rows = h_ptr + offs_p.to(tl.int64) * K  # (BP,) each pair's own row of h
+        wp, wa, wa2, wc2, wo = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+        acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        k_lo = split * K_PER_SPLIT
+        for k_start in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
+            acc = _tile_dot(acc, h_rows, routed, wp, wa, wa2, wc2, wo, lut_ptr,
+                            offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
+                            K % 64 == 0, DOT_PRECISION)
+        wgt = tl.load(weight_ptr + offs_p, mask=routed, other=0.0).to(tl.float32)  # (BP,) routing weights
+        y_tile = y_ptr + (split * P + offs_p).to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(y_tile, acc * wgt[None, :], mask=routed[None, :] & (offs_n[:, None] < N))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(256,) int32: entry b holds the 16-bit NF4[b >> 4] in its low and NF4[b & 15] in its high half."""
+    bits = torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).view(torch.int16)
+    b = torch.arange(256)
+    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int32).view(-1).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _nibble_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(16,) the NF4 values in `dtype` (rounded once, as the byte-pair table rounds them)."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _block_p(P: int) -> int:
+    return max(16, triton.next_power_of_2(P))
+
+
+def _dequant_mode(dtype: torch.dtype, K: int, requested: int | None) -> int:
+    """The fastest decode the inputs allow: tables need 16-bit activations and whole 64-blocks."""
+    fast_ok = dtype in (torch.float16, torch.bfloat16) and K % BLOCKSIZE == 0
+    if requested is None:
+        return 2 if fast_ok else 0
+    return requested if fast_ok else 0
+
+
+def _block_k(K: int, mode: int, want: int) -> int:
+    """BLOCK_K: for the generic decode at most 64 (its fp32 tile lives in registers); for the
+    tables the largest <= want that divides K (their loop has no mask along K)."""
+    if mode == 0:
+        return min(want, 64)
+    bk = want
+    while bk > 64 and K % bk:
+        bk //= 2
+    return bk
+
+
+def moe_config(P: int, dtype: torch.dtype) -> dict:
+    """Default tiles for both kernels (benchmarks/moe.py sweeps alternatives).
+
+    Sized with ptxas for sm_90 (no spills): BLOCK_N = 64 rows per program (one warpgroup's MMA
+    height); wider pair blocks take 8 warps, and 64 pairs a shorter K step, so the two
+    (BLOCK_N, BLOCK_P) fp32 accumulators of kernel A stay in registers. fp32 (the generic
+    decode) needs 8 warps, and 32 rows at 64 pairs.
+    """
+    bp = _block_p(P)
+    wide = bp > 16 or dtype == torch.float32
+    tile = dict(BLOCK_N=32 if bp > 32 and dtype == torch.float32 else 64, BLOCK_K=128 if bp > 32 else 256,
+                DEQUANT=None, num_warps=8 if wide else 4, num_stages=3)
+    return dict(gate_up=dict(tile), down=dict(tile, SPLIT_K=None))
+
+
+def _lut(mode: int, w: NF4Experts, dtype: torch.dtype) -> torch.Tensor:
+    if mode == 1:
+        return _byte_lut(str(w.device), dtype)
+    if mode == 2:
+        return _nibble_lut(str(w.device), dtype)
+    return w.w1[0].tensors()[5]  # the table nf4_dequant_tile reads (kernels.nf4's contract)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+
+
+def _check(x: torch.Tensor, experts: torch.Tensor, w: NF4Experts, what: str):
+    P = experts.numel()
+    if P > MAX_PAIRS:
+        raise ValueError(f"{what}: at most {MAX_PAIRS} (token, slot) pairs, got {P}; use the expert loop")
+    if x.device != w.device or experts.device != w.device:
+        raise ValueError(f"{what}: inputs on {x.device}/{experts.device} but the experts on {w.device}")
+
+
+def moe_gate_up(x: torch.Tensor, experts: torch.Tensor, w: NF4Experts, config: dict | None = None) -> torch.Tensor:
+    """h (P, I) in x.dtype: silu(x_t w1_e^T) * (x_t w3_e^T) for pair p = t * top_k + k.
+
+    x (T, C); experts (T, top_k) expert ids (any int dtype).
+    """
+    _check(x, experts, w, "moe_gate_up")
+    T, C = x.shape
+    top_k = experts.shape[-1]
+    P, I, E = experts.numel(), w.intermediate, w.num_experts
+    if C != w.hidden:
+        raise ValueError(f"moe_gate_up: x has {C} features, the experts expect {w.hidden}")
+    x = x.contiguous()
+    h = torch.empty((P, I), dtype=x.dtype, device=x.device)
+    if P == 0:
+        return h
+    c = dict(moe_config(P, x.dtype)["gate_up"], **(config or {}))
+    mode = _dequant_mode(x.dtype, C, c["DEQUANT"])
+    grid = (E, triton.cdiv(I, c["BLOCK_N"]))
+    _moe_gate_up_kernel[grid](
+        x, experts.reshape(-1).contiguous(), w.table13, _lut(mode, w, x.dtype), h, P, E, x.stride(0),
+        N=I, K=C, TOP_K=top_k, BLOCK_P=_block_p(P), BLOCK_N=c["BLOCK_N"], BLOCK_K=_block_k(C, mode, c["BLOCK_K"]),
+        DEQUANT=mode, PACKED_ALIGNED=w.packed_aligned, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return h
+
+
+def _split_k(P: int, E: int, n_tiles: int, k_tiles: int, device) -> int:
+    """Enough K slices that the programs of the experts in use fill the GPU about twice."""
+    active = min(E, P)
+    return max(1, min(k_tiles, triton.cdiv(2 * _num_sms(device), active * n_tiles)))
+
+
+def moe_down(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w: NF4Experts,
+             config: dict | None = None) -> torch.Tensor:
+    """y (S, P, C) fp32: S split-K partials of weight[p] * h[p] w2_e^T (sum over S and slots later).
+
+    h (P, I); experts, weights (T, top_k) (weights in any float dtype).
+    """
+    _check(h, experts, w, "moe_down")
+    P, I = h.shape
+    C, E = w.hidden, w.num_experts
+    if I != w.intermediate or P != experts.numel() or weights.numel() != P:
+        raise ValueError(f"moe_down: h {tuple(h.shape)}, {experts.numel()} expert ids and {weights.numel()} "
+                         f"weights do not match {P} pairs of {w.intermediate} features")
+    if P == 0:
+        return torch.zeros((1, 0, C), dtype=torch.float32, device=h.device)
+    h = h.contiguous()
+    c = dict(moe_config(P, h.dtype)["down"], **(config or {}))
+    mode = _dequant_mode(h.dtype, I, c["DEQUANT"])
+    bk = _block_k(I, mode, c["BLOCK_K"])
+    n_tiles, k_tiles = triton.cdiv(C, c["BLOCK_N"]), triton.cdiv(I, bk)
+    split = c["SPLIT_K"] or _split_k(P, E, n_tiles, k_tiles, h.device)
+    k_per_split = triton.cdiv(k_tiles, split) * bk
+    split = triton.cdiv(I, k_per_split)
+    y = torch.empty((split, P, C), dtype=torch.float32, device=h.device)
+    _moe_down_kernel[(E, n_tiles, split)](
+        h, experts.reshape(-1).contiguous(), weights.reshape(-1).contiguous(), w.table2,
+        _lut(mode, w, h.dtype), y, P, E,
+        N=C, K=I, K_PER_SPLIT=k_per_split, BLOCK_P=_block_p(P), BLOCK_N=c["BLOCK_N"], BLOCK_K=bk,
+        DEQUANT=mode, PACKED_ALIGNED=w.packed_aligned, DOT_PRECISION=_dot_precision(h.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return y
+
+
+def moe_combine(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(S, P, C) fp32 partials -> out (T, C) in dtype: sum over split-K slices and top-k slots."""
+    S, P, C = y.shape
+    return y.view(S, P // top_k, top_k, C).sum(dim=(0, 2)).to(dtype)
+
+
+def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
+               config: dict | None = None) -> torch.Tensor:
+    """The MoE block's expert part for few tokens: out (T, C) = sum_k weight[t, k] * expert(x_t).
+
+    x (T, C) in the compute dtype; weights (T, top_k) routing weights; experts (T, top_k) ids.
+    Two launches and one reduction, static shapes, no host sync (CUDA-graph safe).
+    config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`.
+    """
+    config = config or {}
+    h = moe_gate_up(x, experts, w, config.get("gate_up"))
+    y = moe_down(h, experts, weights, w, config.get("down"))
+    return moe_combine(y, experts.shape[-1], x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# References (pure PyTorch; they sync on the routing, which is fine for checking)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense(qs: list[NF4Tensor], e: int, cache: dict, key: str) -> torch.Tensor:
+    if (key, e) not in cache:
+        cache[key, e] = dequantize_nf4_reference(qs[e], torch.float32)
+    return cache[key, e]
+
+
+def moe_gate_up_reference(x: torch.Tensor, experts: torch.Tensor, w: NF4Experts) -> torch.Tensor:
+    """h (P, I) in x.dtype, computed in fp32 from the dequantized weights."""
+    top_k = experts.shape[-1]
+    cache: dict = {}
+    rows = []
+    for p, e in enumerate(experts.reshape(-1).tolist()):
+        xt = x[p // top_k].float()
+        g = xt @ _dense(w.w1, e, cache, "w1").t()
+        u = xt @ _dense(w.w3, e, cache, "w3").t()
+        rows.append(F.silu(g) * u)
+    return torch.stack(rows).to(x.dtype) if rows else x.new_empty((0, w.intermediate))
+
+
+def moe_down_reference(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w: NF4Experts) -> torch.Tensor:
+    """y (1, P, C) fp32: weight[p] * h[p] w2_e^T (one 'split')."""
+    cache: dict = {}
+    flat_w = weights.reshape(-1).float()
+    rows = [flat_w[p] * (h[p].float() @ _dense(w.w2, e, cache, "w2").t())
+            for p, e in enumerate(experts.reshape(-1).tolist())]
+    if not rows:
+        return torch.zeros((1, 0, w.hidden), dtype=torch.float32, device=h.device)
+    return torch.stack(rows)[None]
+
+
+def moe_decode_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts) -> torch.Tensor:
+    """out (T, C) in x.dtype: the same math as moe_decode, in PyTorch."""
+    h = moe_gate_up_reference(x, experts, w)
+    return moe_combine(moe_down_reference(h, experts, weights, w), experts.shape[-1], x.dtype)
