@@ -47,8 +47,7 @@ FWD_SWEEP = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-]
+]  # BLOCK_N is W's rows per tile (the MMA's A operand), BLOCK_M the tokens
 DY_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3) for bm, bn, w in
             [(32, 128, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8)]]
 

@@ -144,46 +144,38 @@ def _expert_fields(table_ptr, e, E, PACKED_ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(acc, at_ptr, at_mask, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-              lut_ptr, offs_n, k_start, N, K,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-              DEQUANT: tl.constexpr, K_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_P) += W[offs_n, k_start:+BLOCK_K] @ A^T for one expert.
-
-    at_ptr (BLOCK_P,) pointers to the activation row of each pair (its token's x, or its h row),
-    at_mask (BLOCK_P,) the pairs routed to this expert (the others load zeros). lut_ptr: the
-    lookup table of the DEQUANT mode (nf4_dequant_tile's table, the byte-pair or nibble table).
-    """
+def _group_dot(acc, at, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, lut_ptr, offs_n, k0, N, K,
+               BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_P) += W[offs_n, k0:k0+64] @ at for one expert; at (64, BLOCK_P) holds the
+    routed pairs' activations of those 64 columns (zeros elsewhere). lut_ptr: the DEQUANT mode's
+    table (nf4_dequant_tile's, the byte-pair or the nibble table)."""
+    if DEQUANT == 0:
+        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, lut_ptr,
+                             offs_n, k0, N, K, BLOCK_N, 64, K % 64 == 0)  # (BN, 64) fp32
+        return tl.dot(w.to(at.dtype), at, acc=acc, input_precision=DOT_PRECISION)
+    # K % 64 == 0: one whole quant block per row, so no mask along K and one absmax per row.
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
-    if DEQUANT == 0:
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        at = tl.load(at_ptr[None, :] + offs_k[:, None], mask=at_mask[None, :] & (offs_k[:, None] < K),
-                     other=0.0)  # (BK, BP)
-        w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, lut_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED)  # (BN, BK) fp32
-        acc = tl.dot(w.to(at.dtype), at, acc=acc, input_precision=DOT_PRECISION)
+    offs_b = k0 // 2 + tl.arange(0, 32)
+    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=n_mask[:, None],
+                     other=0x77)  # (BN, 32) uint8, two codes each
+    if DEQUANT == 1:
+        pairs = tl.load(lut_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
+        first = pairs.to(tl.int16).to(at.dtype, bitcast=True)
+        second = (pairs >> 16).to(tl.int16).to(at.dtype, bitcast=True)
     else:
-        # K % BLOCK_K == 0 and K % 64 == 0: whole 64-column quant blocks, no mask along K.
-        for g in tl.static_range(BLOCK_K // 64):
-            k0 = k_start + g * 64
-            offs_k = k0 + tl.arange(0, 64)
-            at = tl.load(at_ptr[None, :] + offs_k[:, None], mask=at_mask[None, :], other=0.0)  # (64, BP)
-            offs_b = k0 // 2 + tl.arange(0, 32)
-            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=n_mask[:, None],
-                             other=0x77)  # (BN, 32) uint8, two codes each
-            if DEQUANT == 1:
-                pairs = tl.load(lut_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
-                first = pairs.to(tl.int16).to(at.dtype, bitcast=True)
-                second = (pairs >> 16).to(tl.int16).to(at.dtype, bitcast=True)
-            else:
-                first = tl.load(lut_ptr + (packed >> 4).to(tl.int32))  # (BN, 32) in at.dtype
-                second = tl.load(lut_ptr + (packed & 0xF).to(tl.int32))
-            codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))  # element 2j = high nibble
-            scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                               rows * (K // 64) + k0 // 64, n_mask)  # (BN,) fp32
-            acc += tl.dot(codes, at, input_precision=DOT_PRECISION) * scale[:, None]
-    return acc
+        first = tl.load(lut_ptr + (packed >> 4).to(tl.int32))  # (BN, 32) in at.dtype
+        second = tl.load(lut_ptr + (packed & 0xF).to(tl.int32))
+    codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))  # element 2j is the high nibble
+    scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows * (K // 64) + k0 // 64, n_mask)
+    return acc + tl.dot(codes, at, input_precision=DOT_PRECISION) * scale[:, None]
+
+
+@triton.jit
+def _activations(rows_ptr, routed, k0, K):
+    """(64, BLOCK_P) columns k0:k0+64 of each routed pair's activation row (zeros for the others)."""
+    offs_k = k0 + tl.arange(0, 64)
+    return tl.load(rows_ptr[None, :] + offs_k[:, None], mask=routed[None, :] & (offs_k[:, None] < K), other=0.0)
 
 
 @triton.jit
@@ -218,12 +210,13 @@ def _moe_gate_up_kernel(
         acc1 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
         for k_start in range(0, K, BLOCK_K):
-            acc1 = _tile_dot(acc1, x_rows, routed, w1p, w1a, w1a2, w1c2, w1o, lut_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
-                             K % 64 == 0, DOT_PRECISION)
-            acc3 = _tile_dot(acc3, x_rows, routed, w3p, w3a, w3a2, w3c2, w3o, lut_ptr,
-                             offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
-                             K % 64 == 0, DOT_PRECISION)
+            for g in tl.static_range(BLOCK_K // 64):
+                k0 = k_start + g * 64
+                xt = _activations(x_rows, routed, k0, K)  # (64, BP), shared by w1 and w3
+                acc1 = _group_dot(acc1, xt, w1p, w1a, w1a2, w1c2, w1o, lut_ptr, offs_n, k0, N, K,
+                                  BLOCK_N, DEQUANT, DOT_PRECISION)
+                acc3 = _group_dot(acc3, xt, w3p, w3a, w3a2, w3c2, w3o, lut_ptr, offs_n, k0, N, K,
+                                  BLOCK_N, DEQUANT, DOT_PRECISION)
         h = acc1 * tl.sigmoid(acc1) * acc3  # (BN, BP) fp32: silu(gate) * up
         h_tile = h_ptr + offs_p.to(tl.int64)[None, :] * N + offs_n[:, None]  # h is (P, N), transposed view
         tl.store(h_tile, h.to(h_ptr.dtype.element_ty), mask=routed[None, :] & (offs_n[:, None] < N))
@@ -252,9 +245,11 @@ def _moe_down_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
         k_lo = split * K_PER_SPLIT
         for k_start in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
-            acc = _tile_dot(acc, h_rows, routed, wp, wa, wa2, wc2, wo, lut_ptr,
-                            offs_n, k_start, N, K, BLOCK_N, BLOCK_K, BLOCK_P, DEQUANT,
-                            K % 64 == 0, DOT_PRECISION)
+            for g in tl.static_range(BLOCK_K // 64):
+                k0 = k_start + g * 64
+                ht = _activations(h_rows, routed, k0, K)  # (64, BP)
+                acc = _group_dot(acc, ht, wp, wa, wa2, wc2, wo, lut_ptr, offs_n, k0, N, K,
+                                 BLOCK_N, DEQUANT, DOT_PRECISION)
         wgt = tl.load(weight_ptr + offs_p, mask=routed, other=0.0).to(tl.float32)  # (BP,) routing weights
         y_tile = y_ptr + (split * P + offs_p).to(tl.int64)[None, :] * N + offs_n[:, None]
         tl.store(y_tile, acc * wgt[None, :], mask=routed[None, :] & (offs_n[:, None] < N))
@@ -297,11 +292,11 @@ def _dequant_mode(dtype: torch.dtype, K: int, requested: int | None) -> int:
 
 
 def _block_k(K: int, mode: int, want: int) -> int:
-    """BLOCK_K: for the generic decode at most 64 (its fp32 tile lives in registers); for the
-    tables the largest <= want that divides K (their loop has no mask along K)."""
+    """BLOCK_K (a multiple of 64: the kernels step through it in 64-column groups); with the
+    tables, the largest <= want that divides K (their weight loads have no mask along K)."""
+    bk = max(64, triton.next_power_of_2(want))
     if mode == 0:
-        return min(want, 64)
-    bk = want
+        return bk
     while bk > 64 and K % bk:
         bk //= 2
     return bk
