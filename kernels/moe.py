@@ -152,23 +152,25 @@ def _group_dot(acc, at, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, l
     if DEQUANT == 0:
         w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, lut_ptr,
                              offs_n, k0, N, K, BLOCK_N, 64, K % 64 == 0)  # (BN, 64) fp32
-        return tl.dot(w.to(at.dtype), at, acc=acc, input_precision=DOT_PRECISION)
-    # K % 64 == 0: one whole quant block per row, so no mask along K and one absmax per row.
-    rows = offs_n.to(tl.int64)
-    n_mask = offs_n < N
-    offs_b = k0 // 2 + tl.arange(0, 32)
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=n_mask[:, None],
-                     other=0x77)  # (BN, 32) uint8, two codes each
-    if DEQUANT == 1:
-        pairs = tl.load(lut_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
-        first = pairs.to(tl.int16).to(at.dtype, bitcast=True)
-        second = (pairs >> 16).to(tl.int16).to(at.dtype, bitcast=True)
-    else:
-        first = tl.load(lut_ptr + (packed >> 4).to(tl.int32))  # (BN, 32) in at.dtype
-        second = tl.load(lut_ptr + (packed & 0xF).to(tl.int32))
-    codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))  # element 2j is the high nibble
-    scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows * (K // 64) + k0 // 64, n_mask)
-    return acc + tl.dot(codes, at, input_precision=DOT_PRECISION) * scale[:, None]
+        acc = tl.dot(w.to(at.dtype), at, acc=acc, input_precision=DOT_PRECISION)
+    else:  # (an if/else, not an early return: Triton would still compile the code after it)
+        # K % 64 == 0: one whole quant block per row, so no mask along K and one absmax per row.
+        rows = offs_n.to(tl.int64)
+        n_mask = offs_n < N
+        offs_b = k0 // 2 + tl.arange(0, 32)
+        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=n_mask[:, None],
+                         other=0x77)  # (BN, 32) uint8, two codes each
+        if DEQUANT == 1:
+            pairs = tl.load(lut_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
+            first = pairs.to(tl.int16).to(at.dtype, bitcast=True)
+            second = (pairs >> 16).to(tl.int16).to(at.dtype, bitcast=True)
+        else:
+            first = tl.load(lut_ptr + (packed >> 4).to(tl.int32))  # (BN, 32) in at.dtype
+            second = tl.load(lut_ptr + (packed & 0xF).to(tl.int32))
+        codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))  # element 2j is the high nibble
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows * (K // 64) + k0 // 64, n_mask)
+        acc += tl.dot(codes, at, input_precision=DOT_PRECISION) * scale[:, None]
+    return acc
 
 
 @triton.jit
@@ -308,12 +310,12 @@ def moe_config(P: int, dtype: torch.dtype) -> dict:
     Sized with ptxas for sm_90 (no spills): BLOCK_N = 64 rows per program (one warpgroup's MMA
     height); wider pair blocks take 8 warps, and 64 pairs a shorter K step, so the two
     (BLOCK_N, BLOCK_P) fp32 accumulators of kernel A stay in registers. fp32 (the generic
-    decode) needs 8 warps, and 32 rows at 64 pairs.
+    decode) steps 64 columns at a time with 8 warps, and 32 rows at 64 pairs.
     """
     bp = _block_p(P)
-    wide = bp > 16 or dtype == torch.float32
-    tile = dict(BLOCK_N=32 if bp > 32 and dtype == torch.float32 else 64, BLOCK_K=128 if bp > 32 else 256,
-                DEQUANT=None, num_warps=8 if wide else 4, num_stages=3)
+    fp32 = dtype == torch.float32
+    tile = dict(BLOCK_N=32 if bp > 32 and fp32 else 64, BLOCK_K=64 if fp32 else 128 if bp > 32 else 256,
+                DEQUANT=None, num_warps=8 if bp > 16 or fp32 else 4, num_stages=3)
     return dict(gate_up=dict(tile), down=dict(tile, SPLIT_K=None))
 
 
