@@ -52,7 +52,8 @@ import triton.language as tl
 from kernels.nf4 import BLOCKSIZE, NF4_VALUES, NF4Tensor, dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile
 
 MAX_PAIRS = 64  # (token, slot) pairs one launch serves: BLOCK_P <= 64 rows of the MMA
-_FIELDS = 5  # pointer-table rows: packed, absmax, absmax2, code2, offset
+_FIELDS = {"packed": torch.uint8, "absmax": torch.uint8, "absmax2": torch.float32, "code2": torch.float32,
+           "offset": torch.float32}  # pointer-table rows (the per-tensor NF4 fields) and their dtypes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,15 +110,15 @@ class NF4Experts:
             for e, q in enumerate(qs):
                 if tuple(q.shape) != shape:
                     raise ValueError(f"NF4Experts: {name} of expert {e} has shape {tuple(q.shape)}, expected {shape}")
-                if q.device != device:
-                    raise ValueError(f"NF4Experts: {name} of expert {e} is on {q.device}, expert 0's w1 on {device}")
+                for field, dtype in _FIELDS.items():
+                    t = getattr(q, field)
+                    if t.device != device or t.dtype != dtype or not t.is_contiguous():
+                        raise ValueError(f"NF4Experts: {name}.{field} of expert {e} is {t.dtype} on {t.device}"
+                                         f"{'' if t.is_contiguous() else ', strided'}; the kernels need "
+                                         f"contiguous {dtype} on {device}")
 
         def table(qs):  # (5, E)
-            return [[t.data_ptr() for t in (q.packed for q in qs)],
-                    [t.data_ptr() for t in (q.absmax for q in qs)],
-                    [t.data_ptr() for t in (q.absmax2 for q in qs)],
-                    [t.data_ptr() for t in (q.code2 for q in qs)],
-                    [t.data_ptr() for t in (q.offset for q in qs)]]
+            return [[getattr(q, field).data_ptr() for q in qs] for field in _FIELDS]
 
         ptrs13 = torch.tensor([table(w1), table(w3)], dtype=torch.int64)
         ptrs2 = torch.tensor(table(w2), dtype=torch.int64)

@@ -117,9 +117,17 @@ def _weight_like(base: nn.Module) -> torch.Tensor:
     return next(base.parameters())
 
 
+# The fused Triton LoRA kernels (kernels/lora.py) put the adapter in the epilogue of the fused NF4
+# GEMM. On the H100 (triton 3.6) that fused NF4 GEMM measured far slower than dequantizing the
+# weight once and calling cuBLAS (benchmarks/RESULTS.md), so the default CUDA path is the plain
+# one below: the base through nf4_matmul (dequant + cuBLAS at training sizes) and the adapter as
+# two thin matmuls. Set USE_FUSED_KERNELS = True to run the fused kernels instead.
+USE_FUSED_KERNELS = False
+
+
 def _fused_forward(layer: LoRALinear, x: torch.Tensor):
-    """The fused Triton LoRA path on CUDA, when kernels.lora provides it; None otherwise."""
-    if not x.is_cuda:
+    """The fused Triton LoRA path on CUDA, when enabled and kernels.lora provides it; else None."""
+    if not (x.is_cuda and USE_FUSED_KERNELS):
         return None
     try:
         from kernels.lora import lora_linear
@@ -131,7 +139,7 @@ def _fused_forward(layer: LoRALinear, x: torch.Tensor):
 def project_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
     """(q_proj(x), k_proj(x), v_proj(x)); on CUDA, three LoRALinear layers share one fused launch
     that reads x once (`kernels.lora.lora_qkv`). For an attention module's forward."""
-    if x.is_cuda and all(isinstance(m, LoRALinear) for m in (q_proj, k_proj, v_proj)):
+    if x.is_cuda and USE_FUSED_KERNELS and all(isinstance(m, LoRALinear) for m in (q_proj, k_proj, v_proj)):
         from kernels.lora import lora_qkv
 
         return lora_qkv(x, q_proj, k_proj, v_proj)
