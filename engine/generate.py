@@ -183,9 +183,15 @@ def generate_rows(model, tok, rows, a, output_type, fmt, eos) -> list[list[str]]
                 nonlocal tokens
                 tokens += n_active
 
-            outs = generate(model, [prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
-                            samples=a.samples, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                            eos_ids=eos, pad_id=tok.pad_token_id, stream_ids=idx, on_step=count)
+            try:
+                outs = generate(model, [prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
+                                samples=a.samples, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                                eos_ids=eos, pad_id=tok.pad_token_id, stream_ids=idx, on_step=count)
+            except KeyboardInterrupt:
+                bar.close()
+                print(f"\n[generate] interrupted: the {len(results)} rows done so far are in {a.output}",
+                      file=sys.stderr)
+                raise SystemExit(130)
             for i, samples in zip(idx, outs):
                 texts = [templates.parse_response(tok.decode(prime + o), output_type) for o in samples]
                 results[i] = texts

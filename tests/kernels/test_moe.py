@@ -17,7 +17,7 @@ import torch
 from kernels import moe as K
 from kernels.nf4 import quantize_nf4
 from models.moe import SparseMoE
-from models.nf4 import NF4Linear, replace_linears_with_nf4
+from models.nf4 import replace_linears_with_nf4
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])  # bf16: GPU only
