@@ -317,6 +317,8 @@ def moe_config(P: int, dtype: torch.dtype) -> dict:
     fp32 = dtype == torch.float32
     tile = dict(BLOCK_N=32 if bp > 32 and fp32 else 64, BLOCK_K=64 if fp32 else 128 if bp > 32 else 256,
                 DEQUANT=None, num_warps=8 if bp > 16 or fp32 else 4, num_stages=3)
+    if fp32:  # fp32 MMA operands staged 3 deep needed 606 KB of shared memory on the H100 (227 KB max)
+        tile.update(BLOCK_N=32, BLOCK_K=32, num_stages=1)
     return dict(gate_up=dict(tile), down=dict(tile, SPLIT_K=None))
 
 

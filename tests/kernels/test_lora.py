@@ -1,8 +1,10 @@
 """Fused LoRA kernels (through TRITON_INTERPRET=1 on CPU) against the reference and plain autograd.
 
 Every case checks the output and dX, dA, dB three ways: the Triton kernels, `lora_reference`, and a
-plain PyTorch LoRA in fp64 built here (same dropout mask), on odd shapes, fp16 and fp32, a dense
-and an NF4 base. fp16 tolerances are relative to the largest value (fp16 inputs, fp32 accumulation).
+plain PyTorch LoRA in fp64 built here (same dropout mask), on odd shapes, fp16 and fp32 (and bf16
+on CUDA: the interpreter's bf16 tl.dot is broken), a dense and an NF4 base. 16-bit tolerances are
+relative to the largest value (16-bit inputs, fp32 accumulation). Everything runs on DEV: CUDA when
+there is one (compiled kernels), else the CPU through the interpreter; generators stay on the CPU.
 """
 import pytest
 import torch
@@ -13,7 +15,8 @@ from kernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from models.lora import LoRALinear
 from models.nf4 import NF4Linear
 
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 def _rel(got, want):
@@ -24,12 +27,12 @@ def _make(nf4, dtype, M, K, Ns, r, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     bases = []
     for n in Ns:
-        w = torch.randn(n, K, generator=g) * 0.05
-        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        w = (torch.randn(n, K, generator=g) * 0.05).to(DEV)
+        b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
         bases.append(Base(quantize_nf4(w) if nf4 else w.to(dtype), b))
-    As = [(torch.randn(r, K, generator=g) * 0.1).requires_grad_() for _ in Ns]
-    Bs = [(torch.randn(n, r, generator=g) * 0.1).requires_grad_() for n in Ns]
-    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    As = [(torch.randn(r, K, generator=g) * 0.1).to(DEV).requires_grad_() for _ in Ns]
+    Bs = [(torch.randn(n, r, generator=g) * 0.1).to(DEV).requires_grad_() for n in Ns]
+    x = torch.randn(M, K, generator=g).to(DEV, dtype).requires_grad_()
     return x, bases, As, Bs
 
 
@@ -46,7 +49,7 @@ def _plain(x, base, a, b, scale, p, keys):
 
 def _grads(outputs, leaves, seed=1):
     g = torch.Generator().manual_seed(seed)
-    gys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in outputs]
+    gys = [torch.randn(y.shape, generator=g).to(y.device, y.dtype) for y in outputs]
     return torch.autograd.grad(outputs, leaves, gys), gys
 
 
@@ -61,13 +64,15 @@ CASES = [  # (nf4, dtype, M, K, Ns, r, p, bias)
     (True, torch.float16, 33, 128, (64,), 16, 0.1, False),  # tiles divide W: unmasked weight loads
     (True, torch.float32, 50, 64, (128, 64, 64), 8, 0.0, False),
 ]
+if DEV == "cuda":  # bf16 (GPU only): every fp16 case again in bf16
+    CASES += [(nf4, torch.bfloat16, *rest) for nf4, dtype, *rest in CASES if dtype == torch.float16]
 
 
 @pytest.mark.parametrize("nf4,dtype,M,K,Ns,r,p,bias", CASES)
 def test_kernels_match_reference_and_plain_autograd(nf4, dtype, M, K, Ns, r, p, bias):
     x, bases, As, Bs = _make(nf4, dtype, M, K, Ns, r, bias)
     scales = [2.0, 0.5, 1.5][: len(Ns)]
-    keys = new_dropout_keys(len(Ns), "cpu")
+    keys = new_dropout_keys(len(Ns), DEV)
     leaves = [x, *As, *Bs]
     got = lora_forward(x, bases, As, Bs, scales, p, keys, backend="triton")
     ref = lora_reference(x, bases, As, Bs, scales, p, keys)
@@ -88,10 +93,10 @@ def test_kernels_match_reference_and_plain_autograd(nf4, dtype, M, K, Ns, r, p, 
 def test_dropout_mask_is_the_reference_mask_bit_for_bit():
     """W = 0, A = I, B = I: the kernel's output is scale * dropout(x) exactly, so its mask shows."""
     M, K, p = 45, 32, 0.3
-    x = torch.randn(M, K) + 3.0  # no zeros in x, so a zero output means a dropped element
-    base = Base(torch.zeros(K, K))
-    eye = torch.eye(K)
-    keys = new_dropout_keys(1, "cpu")
+    x = torch.randn(M, K).to(DEV) + 3.0  # no zeros in x, so a zero output means a dropped element
+    base = Base(torch.zeros(K, K, device=DEV))
+    eye = torch.eye(K, device=DEV)
+    keys = new_dropout_keys(1, DEV)
     y = lora_forward(x, [base], [eye], [eye], [1.0], p, keys, backend="triton")[0]
     keep = dropout_keep_reference(keys[0], M, K, p)
     assert torch.equal(y != 0, keep)
@@ -100,7 +105,7 @@ def test_dropout_mask_is_the_reference_mask_bit_for_bit():
 
 def test_dropout_mask_statistics():
     p = 0.1
-    keys = new_dropout_keys(2, "cpu")
+    keys = new_dropout_keys(2, DEV)
     a = dropout_keep_reference(keys[0], 512, 1024, p)
     b = dropout_keep_reference(keys[1], 512, 1024, p)
     assert abs(a.float().mean().item() - (1 - p)) < 3e-3
@@ -112,8 +117,8 @@ def test_dropout_mask_statistics():
 
 def test_zero_dropout_ignores_keys_and_eval_layer_has_no_dropout():
     x, bases, As, Bs = _make(False, torch.float32, 17, 64, (32,), 4)
-    y1 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, "cpu"), backend="triton")[0]
-    y2 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, "cpu"), backend="triton")[0]
+    y1 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, DEV), backend="triton")[0]
+    y2 = lora_forward(x, bases, As, Bs, [1.0], 0.0, new_dropout_keys(1, DEV), backend="triton")[0]
     assert torch.equal(y1, y2)
 
 
@@ -129,16 +134,16 @@ def test_lora_linear_on_layers_matches_their_pytorch_forward(kind):
     """lora_linear(x, layer) (the CUDA hook's entry) equals LoRALinear's PyTorch forward in eval,
     takes (B, T, K) inputs, and in training gives the reference's output and gradients."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 80, bias=True)
+    linear = torch.nn.Linear(96, 80, bias=True).to(DEV)
     base = NF4Linear.from_linear(linear) if kind == "nf4" else linear
-    layer = _layer(base).eval()
-    x = torch.randn(2, 9, 96, requires_grad=True)
+    layer = _layer(base).eval()  # the adapter lands on the base's device
+    x = torch.randn(2, 9, 96).to(DEV).requires_grad_()
     got = lora_linear(x, layer, backend="triton")
-    want = layer(x)  # CPU: the PyTorch forward
+    want = layer(x)  # the PyTorch forward (on CUDA too: models.lora.USE_FUSED_KERNELS is off)
     assert got.shape == (2, 9, 80)
     assert _rel(got, want) <= 2e-5
     layer.train()
-    keys = new_dropout_keys(1, "cpu")
+    keys = new_dropout_keys(1, DEV)
     got = lora_linear(x, layer, backend="triton", keys=keys)
     ref = lora_linear(x, layer, backend="reference", keys=keys)
     leaves = [x, layer.lora_A.weight, layer.lora_B.weight]
@@ -149,10 +154,10 @@ def test_lora_linear_on_layers_matches_their_pytorch_forward(kind):
 
 def test_lora_qkv_equals_three_lora_linear_calls():
     torch.manual_seed(0)
-    layers = [_layer(NF4Linear.from_linear(torch.nn.Linear(64, n, bias=False)), seed=i)
+    layers = [_layer(NF4Linear.from_linear(torch.nn.Linear(64, n, bias=False).to(DEV)), seed=i)
               for i, n in enumerate((64, 32, 32))]
-    x = torch.randn(3, 7, 64, dtype=torch.float32, requires_grad=True)
-    keys = new_dropout_keys(3, "cpu")
+    x = torch.randn(3, 7, 64, dtype=torch.float32).to(DEV).requires_grad_()
+    keys = new_dropout_keys(3, DEV)
     fused = lora_qkv(x, *layers, backend="triton", keys=keys)
     alone = [lora_linear(x, layer, backend="triton", keys=keys[i:i + 1]) for i, layer in enumerate(layers)]
     leaves = [x] + [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
