@@ -28,8 +28,8 @@ config = TrainConfig(
     batch_size=4,
     grad_accum=2,
     warmup_steps=3,
-    max_steps=24,
-    eval_every=8,
+    max_steps=20,
+    eval_every=10,
     eval_metric_rows=8,
     output_dir="runs/quickstart",
 )
