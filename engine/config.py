@@ -83,6 +83,22 @@ class TrainConfig:
         return cls(**json.loads(text))
 
 
+def study_config(**changes) -> TrainConfig:
+    """The settings v1-v6 of the original study share, with one version's changes applied.
+
+    Mixtral-8x7B-Instruct-v0.1 in NF4 with double quant (router and lm_head bf16); LoRA r=16,
+    alpha=64, dropout 0.1 on q/k/v/o; lr 2e-5, batch 8 with gradient accumulation 2, 30 warmup
+    steps, linear schedule, one epoch; the Mistral [INST] format; 10% held out for validation.
+    """
+    base = TrainConfig(
+        model="mistralai/Mixtral-8x7B-Instruct-v0.1", quantize="nf4", prompt_format="mistral",
+        lora_r=16, lora_alpha=64.0, lora_dropout=0.1, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lr=2e-5, batch_size=8, grad_accum=2, warmup_steps=30, epochs=1.0, valid_fraction=0.1,
+        gradient_checkpointing=True, eval_every=50,
+    )
+    return dataclasses.replace(base, **changes).validate()
+
+
 def load_recipe(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():

@@ -1,36 +1,21 @@
 """v1: full-sequence loss, chain-of-thought output (analysis, then the prompt as JSON), trained
 on half of `mooney_test_with_gpt4`.
 
-Shared settings of v1-v6 (from the study): base Mixtral-8x7B-Instruct-v0.1 in NF4 with double
-quant (router and lm_head left in bf16); LoRA r=16, alpha=64, dropout 0.1 on q/k/v/o; lr 2e-5,
+Shared settings of v1-v6 (engine.config.study_config): Mixtral-8x7B-Instruct-v0.1 in NF4 with
+double quant (router and lm_head bf16); LoRA r=16, alpha=64, dropout 0.1 on q/k/v/o; lr 2e-5,
 batch 8 with gradient accumulation 2, 30 warmup steps, linear schedule; 10% held out for
 validation. The study's datasets are not shipped: put them in --data_dir as NAME.csv, or run on
 the bundled stand-ins with --model=smollm2-135m-instruct --data=bundled.
 
 Run: python -m engine.train recipes/v1.py
 """
-from engine.config import TrainConfig
+from engine.config import study_config
 
-config = TrainConfig(
-    model="mistralai/Mixtral-8x7B-Instruct-v0.1",
-    quantize="nf4",
+config = study_config(
     data=["mooney_test_with_gpt4"],
-    data_fraction=0.5,
     loss="full",
     output_type="cot",
-    prompt_format="mistral",
     max_seq_length=512,
-    lora_r=16,
-    lora_alpha=64,
-    lora_dropout=0.1,
-    lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
-    lr=2e-5,
-    batch_size=8,
-    grad_accum=2,
-    warmup_steps=30,
-    epochs=1,
-    valid_fraction=0.1,
-    gradient_checkpointing=True,
-    eval_every=50,
+    data_fraction=0.5,
     output_dir="runs/v1",
 )
