@@ -22,6 +22,37 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])[0]
 
 
+def bench_graph_us(calls, reps: int = 20) -> float:
+    """Median microseconds per call of `calls` (a list of thunks) replayed back to back from one
+    CUDA graph: no launch gaps, as in graph-captured decoding. Give calls on different inputs (more
+    bytes than L2 holds) so each call reads from HBM."""
+    import statistics
+
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, allocate) outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
@@ -57,10 +88,11 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_json(path, payload: dict) -> None:
+def write_json(path, payload: dict, quiet: bool = False) -> None:
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")

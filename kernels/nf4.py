@@ -15,14 +15,27 @@ Sizes that are not multiples of 64 end in a partial block; an odd element count 
 
 Kernels (each beside a pure-PyTorch reference; CUDA tensors take Triton, CPU tensors the reference):
   dequantize_nf4   one launch, double quant included              (`dequantize_nf4_reference`)
-  nf4_gemm         Y = X W^T for M > 16 rows, W dequantized tile by tile in registers
+  nf4_gemv         Y = X W^T for M <= 64 rows (decoding), W read once, split-K over fp32 atomics
+                   when N alone gives too few programs. Two kernels: "fma" (1-4 rows, CUDA cores:
+                   per weight a shift, a mask, a shared-memory gather and one FMA per row) and "mma"
+                   (rows padded to 16-64 for the tensor cores). Both round the NF4 value, not
+                   NF4 value * absmax, to the compute dtype and scale each 64-column group's partial
+                   sum by its absmax: an error of the same size as rounding the dequantized weight.
+  nf4_gemm         Y = X W^T, W dequantized tile by tile in registers (the fused GEMM)
   nf4_gemm_dx      dX = dY W, the backward of the same family (the base is frozen: no dW)
-  nf4_gemv         skinny Y = X W^T for M <= 16 rows (decoding), split-K over fp32 atomics; for
-                   16-bit x it reads both values of a byte from one 256-entry table and scales the
-                   partial product of each 64-column block by its absmax (the weight is rounded as
-                   NF4 value -> x.dtype, not NF4 value * absmax -> x.dtype: same size of error)
-  nf4_matmul       autograd entry point that picks among them     (`nf4_matmul_reference`); from
-                   DENSE_MIN_ROWS rows (opt-in) it dequantizes W and calls cuBLAS instead
+  nf4_matmul       autograd entry point (`nf4_matmul_reference`) with a measured policy by rows M:
+                   M <= GEMV_ROWS (64): nf4_gemv; M >= DENSE_MIN_ROWS (65): dequantize W into a
+                   transient bf16 copy of this one weight (freed after the call) and call cuBLAS,
+                   forward and dX alike; in between (none by default): the fused GEMM. The fused
+                   kernel re-dequantizes each weight element once per BLOCK_M rows of X; on Hopper
+                   that ALU work costs more than the HBM traffic of one dense copy saves (see the
+                   policy's comment below and benchmarks/NOTES.md).
+
+Lookups: the 16 NF4 values sit in shared memory (`tl.gather` from a 16-entry fp32 table: one
+wavefront per warp, no bank conflicts, 32-bit addresses); codes come from int32 words of the
+packed bytes (`_nf4_word_codes`: shifts and masks, eight codes per word). The first kernels
+gathered both values of a byte from a 2 KB table in global memory: a warp's gather touched ~14
+cache lines, and that L1 traffic, not HBM, bounded every kernel.
 
 Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused GEMMs
 (kernels/lora.py, the MoE kernels):
@@ -32,15 +45,17 @@ Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused
 
   - returns W[offs_n, k_start : k_start + BLOCK_K] as fp32, shape (BLOCK_N, BLOCK_K); cast it to the
     dot dtype yourself. Elements outside the (N, K) weight come out exactly 0.0 (masked loads read
-    the byte 0x77, NF4 code 7 twice, which is zero), so the tile can go straight into tl.dot.
+    NF4 code 7, which is zero), so the tile can go straight into tl.dot.
   - the six pointers are `NF4Tensor.tensors()` in order: packed, absmax, absmax2, code2, offset (a
     0-d fp32 tensor, read in-kernel so no host sync) and the byte table `nf4_pairs` (256 int64:
-    the fp32 bits of NF4[b >> 4] in the low and of NF4[b & 15] in the high word of entry b), so one
-    gather per byte yields both of its values, exactly.
+    the fp32 bits of NF4[b >> 4] in the low and of NF4[b & 15] in the high word of entry b; the
+    helpers read NF4[c] from the high words of entries 0..15, `nf4_nibble`).
   - offs_n: (BLOCK_N,) int row indices (output features); k_start: a multiple of BLOCK_K.
-  - K_ALIGNED (constexpr) = K % 64 == 0: each row then starts on a byte and block boundary and the
-    helper loads BLOCK_K // 2 contiguous bytes and one absmax per 64 columns; BLOCK_K must be a
-    power of 2 >= 16. Otherwise it gathers per element (correct for any K, slower).
+  - K_ALIGNED (constexpr) = K % 64 == 0: each row then starts on a word and block boundary and the
+    helper loads BLOCK_K // 8 contiguous int32 words per row (so w_ptr must be 4-byte aligned, as
+    every torch allocation is) and one absmax per 64 columns; BLOCK_K must be a power of 2 >= 16.
+    Otherwise it gathers per element (correct for any K, slower). It uses a 64-byte shared-memory
+    scratch for the lookup table (tl.gather) in the aligned case.
   - for bit-parity with bitsandbytes launch the kernel with enable_fp_fusion=False; with fusion
     the absmax dequant may become an FMA and differ by one ulp.
 """
@@ -99,17 +114,18 @@ def dynamic_map(device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_table(device: str, dtype: torch.dtype) -> torch.Tensor:
-    """(256,) table: entry b holds the bits of NF4[b >> 4] (low half) and NF4[b & 15] (high half)."""
-    bits = nf4_code().to(dtype).view({torch.float32: torch.int32}.get(dtype, torch.int16))
+def _pair_table(device: str) -> torch.Tensor:
+    """(256,) int64: entry b holds the fp32 bits of NF4[b >> 4] (low half) and NF4[b & 15] (high)."""
+    bits = nf4_code().view(torch.int32)
     b = torch.arange(256)
-    wide = {torch.float32: torch.int64}.get(dtype, torch.int32)
-    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(wide).view(-1).to(device)
+    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int64).view(-1).to(device)
 
 
 def nf4_pairs(device) -> torch.Tensor:
-    """(256,) int64: the two exact fp32 NF4 values of each byte (the kernels' lookup table)."""
-    return _pair_table(str(device), torch.float32)
+    """(256,) int64: the two exact fp32 NF4 values of each byte, the table the kernels take. Its
+    first 16 entries (bytes 0x00..0x0f, one 128-byte line) hold NF4[c] in their high halves: the
+    kernels read only those (`nf4_nibble`)."""
+    return _pair_table(str(device))
 
 
 @dataclass
@@ -288,12 +304,22 @@ def nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask):
 
 
 @triton.jit
+def nf4_nibble(pairs_ptr, code):
+    """fp32 NF4[code] for 4-bit codes (any shape, any int type), from the pair table's first line.
+
+    Entry c < 16 of the pair table is byte 0x0c, so its high word is NF4[c]: those 16 words lie in
+    one 128-byte line (the table is 512-byte aligned), so a warp's gather is one L1 wavefront. A
+    gather over all 256 entries touches ~14 lines of the 2 KB table, which made it the kernels'
+    bottleneck.
+    """
+    words = pairs_ptr.to(tl.pointer_type(tl.float32))
+    return tl.load(words + 2 * code.to(tl.int32) + 1)
+
+
+@triton.jit
 def nf4_byte_values(pairs_ptr, packed):
-    """Both fp32 values of each packed byte, (..., 2): one int64 gather from the pair table."""
-    pairs = tl.load(pairs_ptr + packed.to(tl.int32))
-    first = pairs.to(tl.int32).to(tl.float32, bitcast=True)  # high nibble: the even element
-    second = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return tl.join(first, second)
+    """Both fp32 values of each packed byte, (..., 2): NF4[high nibble] (the even element) first."""
+    return tl.join(nf4_nibble(pairs_ptr, packed >> 4), nf4_nibble(pairs_ptr, packed & 0xF))
 
 
 @triton.jit
@@ -310,33 +336,38 @@ def nf4_dequant_tile(
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
     if K_ALIGNED:
-        # Row n holds K // 2 bytes and K // 64 blocks; this tile's bytes are contiguous per row.
-        offs_b = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-        w_tile = w_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+        # Row n holds K // 8 int32 words (4-byte aligned, as K % 64 == 0) and K // 64 blocks; the
+        # tile's words are contiguous per row. Codes go through a shared-memory gather from the
+        # 16 NF4 values (one wavefront per warp, no bank conflicts, no 64-bit address math).
+        row_words = (K // 64) * 8
+        offs_w = (k_start // BLOCK_K) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)  # aligned
+        w_tile = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words + offs_w[None, :]
         if EVEN:
-            packed = tl.load(w_tile)
+            words = tl.load(w_tile)
         else:
-            packed = tl.load(w_tile, mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0x77)
-        vals = tl.reshape(nf4_byte_values(pairs_ptr, packed), (BLOCK_N, BLOCK_K))  # element order
+            words = tl.load(w_tile, mask=n_mask[:, None] & (offs_w[None, :] < row_words), other=0x77777777)
+        vals = _nf4_row_values(_nf4_nibble_table(pairs_ptr), words, BLOCK_N, BLOCK_K)  # element order
+        # (if/else, never an early return: Triton compiles the code after a return too)
         if BLOCK_K <= 64:  # the tile lies in one quant block per row
             blk = rows * (K // 64) + k_start // 64
             scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_mask)  # (BN,)
-            return vals * scale[:, None]
-        offs_g = k_start // 64 + tl.arange(0, BLOCK_K // 64)
-        g_mask = n_mask[:, None] & (offs_g[None, :] < K // 64)
-        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                           rows[:, None] * (K // 64) + offs_g[None, :], g_mask)  # (BN, BK // 64)
-        vals = tl.reshape(vals, (BLOCK_N, BLOCK_K // 64, 64)) * scale[:, :, None]
-        return tl.reshape(vals, (BLOCK_N, BLOCK_K))
+            tile = vals * scale[:, None]
+        else:
+            offs_g = k_start // 64 + tl.arange(0, BLOCK_K // 64)
+            g_mask = n_mask[:, None] & (offs_g[None, :] < K // 64)
+            scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                               rows[:, None] * (K // 64) + offs_g[None, :], g_mask)  # (BN, BK // 64)
+            tile = tl.reshape(tl.reshape(vals, (BLOCK_N, BLOCK_K // 64, 64)) * scale[:, :, None],
+                              (BLOCK_N, BLOCK_K))
     else:
         # Any K: element e = n * K + k; its byte e // 2 (high nibble if e is even), block e // 64.
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask = n_mask[:, None] & (offs_k[None, :] < K)
         e = rows[:, None] * K + offs_k[None, :]
         packed = tl.load(w_ptr + e // 2, mask=mask, other=0x77)
-        code = tl.where(e % 2 == 0, packed >> 4, packed & 0xF).to(tl.int32)
-        value = tl.load(pairs_ptr + (code << 4)).to(tl.int32).to(tl.float32, bitcast=True)  # NF4[code]
-        return value * nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // 64, mask)
+        code = tl.where(e % 2 == 0, packed >> 4, packed & 0xF)
+        tile = nf4_nibble(pairs_ptr, code) * nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // 64, mask)
+    return tile
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,28 +377,49 @@ def nf4_dequant_tile(
 
 @triton.jit
 def _nf4_dequant_kernel(
-    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, n_elements,
-    BLOCKS: tl.constexpr,
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr,
+    n_elements, n_bytes, n_blocks,
+    BLOCKS: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # One program: BLOCKS quantization blocks = BLOCKS x 32 bytes in, BLOCKS x 64 values out.
+    # One program: BLOCKS quant blocks = BLOCKS x 32 bytes in, BLOCKS x 64 values out. 4-byte
+    # loads: a thread's 4 bytes become 8 values = one 16-byte store, so the loaded and the stored
+    # layout are the same one (16-byte loads made Triton convert layouts through shared memory).
+    # The lookups read the table's first 128-byte line (nf4_nibble): L1 hits, one wavefront a warp.
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (R,)
-    offs_b = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (R, 32)
-    packed = tl.load(w_ptr + offs_b, mask=offs_b < (n_elements + 1) // 2, other=0x77)
-    vals = tl.reshape(nf4_byte_values(pairs_ptr, packed), (BLOCKS, 64))  # (R, 64) fp32
-    scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < (n_elements + 63) // 64)
-    vals = vals * scale[:, None]
-    offs_e = blk[:, None] * 64 + tl.arange(0, 64)[None, :]
-    tl.store(out_ptr + offs_e, vals.to(out_ptr.dtype.element_ty), mask=offs_e < n_elements)
+    offs_b = blk[:, None] * 32 + tl.max_contiguous(tl.arange(0, 32), 4)[None, :]  # (R, 32)
+    offs_e = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # (R, 64)
+    if EVEN:  # every block of this launch is whole and inside the tensor
+        packed = tl.load(w_ptr + offs_b)
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk >= 0)
+    else:
+        packed = tl.load(w_ptr + offs_b, mask=offs_b < n_bytes, other=0x77)
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < n_blocks)
+    hi = nf4_nibble(pairs_ptr, packed >> 4) * scale[:, None]  # (R, 32) fp32, elements 2j
+    lo = nf4_nibble(pairs_ptr, packed & 0xF) * scale[:, None]  # elements 2j + 1
+    vals = tl.reshape(tl.join(hi, lo), (BLOCKS, 64)).to(out_ptr.dtype.element_ty)
+    if EVEN:
+        tl.store(out_ptr + offs_e, vals)
+    else:
+        tl.store(out_ptr + offs_e, vals, mask=offs_e < n_elements)
 
 
-def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int = 32,
-                          num_warps: int = 8) -> torch.Tensor:
+def dequant_config(n: int) -> dict:
+    """Blocks per program and warps of the dequant kernel (benchmarks/nf4.py sweeps these)."""
+    return dict(blocks=64, num_warps=4)
+
+
+def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int | None = None,
+                          num_warps: int | None = None) -> torch.Tensor:
     """Triton dequant: equal to dequantize_nf4_reference bit for bit."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
     n = q.numel()
     if n:
-        grid = (triton.cdiv(triton.cdiv(n, BLOCKSIZE), blocks),)
-        _nf4_dequant_kernel[grid](*q.tensors(), out, n, BLOCKS=blocks, num_warps=num_warps,
+        c = dequant_config(n)
+        blocks, num_warps = blocks or c["blocks"], num_warps or c["num_warps"]
+        n_blocks = triton.cdiv(n, BLOCKSIZE)
+        grid = (triton.cdiv(n_blocks, blocks),)
+        _nf4_dequant_kernel[grid](*q.tensors(), out, n, q.packed.numel(), n_blocks, BLOCKS=blocks,
+                                  EVEN=n % (blocks * BLOCKSIZE) == 0, num_warps=num_warps,
                                   enable_fp_fusion=False)
     return out
 
@@ -461,60 +513,174 @@ def _nf4_gemm_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel 3: skinny GEMM for decoding (M <= 16), split-K
+# Kernel 3: skinny GEMM for decoding (M <= 64 rows), split-K; memory-bound by design
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _nf4_gemv_kernel(
-    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, pairs16_ptr, y_ptr,
+def _nf4_nibble_table(pairs_ptr):
+    """(16,) fp32 NF4 values; tl.gather on it reads shared memory (a 64-byte table, no bank conflicts)."""
+    return nf4_nibble(pairs_ptr, tl.arange(0, 16))
+
+
+@triton.jit
+def _nf4_word_codes(words):
+    """4-bit codes of int32 words of packed NF4, (..., W) -> (..., W, 8), in element order.
+
+    Byte b of a word (little-endian) holds elements 2b (high nibble) and 2b + 1, so element t sits
+    at bit 8 * (t // 2) + 4 * (1 - t % 2). tl.join adds the minor dimension, so the outermost join
+    picks t's lowest bit: the nested joins lay the 8 codes out in element order, in-thread.
+    """
+    return tl.join(
+        tl.join(tl.join((words >> 4) & 15, (words >> 20) & 15), tl.join((words >> 12) & 15, (words >> 28) & 15)),
+        tl.join(tl.join(words & 15, (words >> 16) & 15), tl.join((words >> 8) & 15, (words >> 24) & 15)))
+
+
+@triton.jit
+def _nf4_row_values(table, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unscaled NF4 values (BLOCK_N, BLOCK_K) fp32 of int32 words (BLOCK_N, BLOCK_K // 8)."""
+    codes = tl.reshape(_nf4_word_codes(words), (BLOCK_N * BLOCK_K,))
+    return tl.reshape(tl.gather(table, codes, 0), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _nf4_decode_fma_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
+    N, K, stride_xm, stride_ym, K_PER_SPLIT,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr,
+):
+    # CUDA cores, 1 to 4 tokens; K % 64 == 0 and BLOCK_K % 64 == 0. Program (pid_n, pid_k) streams
+    # rows offs_n over one K slice in steps of BLOCK_K // 2 bytes per row, read as int32 words
+    # (16-byte loads). Per weight element: a shift and a mask for its code, one shared-memory gather
+    # from the 16-value table, one FMA per token; the absmax scales each 64-element group's partial
+    # sum (one multiply per group, not per element); the groups are summed once, at the end.
+    # WORD_VEC = 1 (4-byte loads, BLOCK_K = 256 * num_warps) makes the compiler lay the warps along K,
+    # so x loads straight into the layout of the products (no shared-memory round trip per step);
+    # WORD_VEC = 4 gives 16-byte loads and warps along N.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    row_words = (K // 64) * 8  # K % 64 == 0
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
+    table = _nf4_nibble_table(pairs_ptr)
+    offs_w = tl.max_contiguous(tl.arange(0, BLOCK_K // 8), WORD_VEC)
+    offs_c = tl.arange(0, BLOCK_K)
+    G: tl.constexpr = BLOCK_K // 64
+    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    k_lo = tl.program_id(1) * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    # The next step's words are loaded before this step's math (a hand-made pipeline: Triton does
+    # not pipeline loads that feed no dot), so each warp keeps a step of DRAM reads in flight.
+    words = _load_words(w_rows, k_lo, k_hi, offs_w, n_mask, row_words, EVEN_N, EVEN_K)
+    for k_start in range(k_lo, k_hi, BLOCK_K):
+        cur = words
+        words = _load_words(w_rows, k_start + BLOCK_K, k_hi, offs_w, n_mask, row_words, EVEN_N, EVEN_K)
+        vals = _nf4_row_values(table, cur, BLOCK_N, BLOCK_K)  # (BN, BK) fp32, unscaled
+        offs_g = k_start // 64 + tl.arange(0, G)
+        scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None] * (K // 64) + offs_g[None, :],
+                           n_mask[:, None] & (offs_g[None, :] < K // 64))  # (BN, G)
+        offs_k = k_start + offs_c
+        acc0 += _group_dots(vals, x_ptr, offs_k, K, BLOCK_N, BLOCK_K) * scale
+        if M > 1:
+            acc1 += _group_dots(vals, x_ptr + stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
+        if M > 2:
+            acc2 += _group_dots(vals, x_ptr + 2 * stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
+        if M > 3:
+            acc3 += _group_dots(vals, x_ptr + 3 * stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
+    _store_row(y_ptr, offs_n, n_mask, acc0, ATOMIC)
+    if M > 1:
+        _store_row(y_ptr + stride_ym, offs_n, n_mask, acc1, ATOMIC)
+    if M > 2:
+        _store_row(y_ptr + 2 * stride_ym, offs_n, n_mask, acc2, ATOMIC)
+    if M > 3:
+        _store_row(y_ptr + 3 * stride_ym, offs_n, n_mask, acc3, ATOMIC)
+
+
+@triton.jit
+def _load_words(w_rows, k0, k_hi, offs_w, n_mask, row_words, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """(BN, W) int32 words of columns k0 ... of rows w_rows; words of a step at or past k_hi (or
+    past K, or of rows past N) read 0x77777777: code 7, zero. The word index is written as a
+    multiple of 8 so the compiler keeps the 16-byte alignment (k0 is a multiple of 64)."""
+    ow = (k0 // 64) * 8 + offs_w
+    mask = (offs_w[None, :] * 0 + k0) < k_hi  # one predicate for the whole step
+    if not EVEN_K:
+        mask = mask & (ow[None, :] < row_words)
+    if not EVEN_N:
+        mask = mask & n_mask[:, None]
+    return tl.load(w_rows + ow[None, :], mask=mask, other=0x77777777)
+
+
+@triton.jit
+def _group_dots(vals, x_ptr, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK // 64): each 64-element group's sum of vals * x, for one token's x."""
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
+    return tl.sum(tl.reshape(vals * x[None, :], (BLOCK_N, BLOCK_K // 64, 64)), axis=2)
+
+
+@triton.jit
+def _store_row(y_ptr, offs_n, n_mask, acc, ATOMIC: tl.constexpr):
+    """Sum the per-group partials acc (BN, G) of one token and write (or add) them to y."""
+    y = tl.sum(acc, axis=1)
+    if ATOMIC:  # split-K: y is an fp32 buffer the launcher zeroed
+        tl.atomic_add(y_ptr + offs_n, y, mask=n_mask, sem="relaxed")
+    else:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _nf4_decode_mma_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, EVEN: tl.constexpr, PAIR_LUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, K_ALIGNED: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program (pid_n, pid_k): rows offs_n of W over one K slice, all M (<= BLOCK_M = 16) tokens at
-    # once; W is the MMA's A operand (BLOCK_N x 64 per step), the tokens padded to 16.
+    # Tensor cores, tokens padded to BLOCK_M (>= 16): W is the MMA's A operand, so the dequant is the
+    # only per-element work and the padded tokens cost nothing. With K % 64 == 0 each 64-column
+    # group is decoded as in the fma kernel (unscaled NF4 values rounded to x.dtype) and the absmax
+    # scales that group's (BLOCK_N, BLOCK_M) product.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # (1, BM): x^T tiles
     k_lo = tl.program_id(1) * K_PER_SPLIT
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if K_ALIGNED:
+        row_words = (K // 64) * 8
+        w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
+        table = _nf4_nibble_table(pairs_ptr)
     for k_start in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
-        if PAIR_LUT:
-            # Memory-bound path (16-bit x, K % 64 == 0): one table gather per byte yields both of
-            # its values already in x's dtype, and the absmax scales the (BLOCK_N, 16) partial
-            # product of each 64-column quant block instead of every weight.
+        if K_ALIGNED:
             for g in tl.static_range(BLOCK_K // 64):
                 k0 = k_start + g * 64
                 offs_k = k0 + tl.arange(0, 64)
-                x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-                offs_b = k0 // 2 + tl.arange(0, 32)
-                w_tile = w_ptr + rows[:, None] * (K // 2) + offs_b[None, :]
+                xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+                ow = (k0 // 64) * 8 + tl.arange(0, 8)  # keeps the compiler's alignment facts
                 if EVEN:
-                    packed = tl.load(w_tile)
+                    words = tl.load(w_rows + ow[None, :])  # (BN, 8) int32: one quant group per row
                 else:
-                    packed = tl.load(w_tile, mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0x77)
-                pairs = tl.load(pairs16_ptr + packed.to(tl.int32))  # (BN, 32) int32 = (second << 16) | first
-                first = pairs.to(tl.int16).to(x.dtype, bitcast=True)
-                second = (pairs >> 16).to(tl.int16).to(x.dtype, bitcast=True)
-                codes = tl.reshape(tl.join(first, second), (BLOCK_N, 64))
-                in_k = (offs_n * 0 + k0) < K  # (BN,): this step's block exists (K ends mid-step)
+                    words = tl.load(w_rows + ow[None, :], mask=n_mask[:, None] & (ow[None, :] < row_words),
+                                    other=0x77777777)
+                codes = _nf4_row_values(table, words, BLOCK_N, 64).to(xt.dtype)
+                in_k = (offs_n * 0 + k0) < K  # (BN,): this group exists (K can end mid-step)
                 scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                    rows * (K // 64) + k0 // 64, n_mask & in_k)  # (BN,)
-                acc += tl.dot(codes, tl.trans(x), input_precision=DOT_PRECISION) * scale[:, None]
-        else:
+                acc += tl.dot(codes, xt, input_precision=DOT_PRECISION) * scale[:, None]
+        else:  # any K: the generic tile helper, scaled per element
             offs_k = k_start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
             w = nf4_dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr,
-                                 offs_n, k_start, N, K, BLOCK_N, BLOCK_K, K_ALIGNED, EVEN).to(x.dtype)
-            acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
+                                 offs_n, k_start, N, K, BLOCK_N, BLOCK_K, False)
+            acc = tl.dot(w.to(xt.dtype), xt, acc=acc, input_precision=DOT_PRECISION)  # (BN, BM)
     y_tile = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]  # (BN, BM), transposed view
-    mask = (offs_m[None, :] < M) & n_mask[:, None]
+    mask = m_mask[None, :] & n_mask[:, None]
     if ATOMIC:  # split-K: y is an fp32 buffer the launcher zeroed
-        tl.atomic_add(y_tile, acc, mask=mask)
+        tl.atomic_add(y_tile, acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -546,12 +712,15 @@ def _check_2d(a: torch.Tensor, cols: int, q: NF4Tensor, what: str) -> torch.Tens
 # any GPU timing; benchmarks/nf4.py sweeps alternatives. All keep W_AS_A where the MMA can take the
 # dequantized tile from registers; dX prefers the tile as the MMA's B operand.
 def gemm_config(M: int, N: int, K: int) -> dict:
-    """Fused-GEMM tiles for Y = X W^T (M rows)."""
-    if M <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
-    if M <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=8, num_stages=3)
+    """Fused-GEMM tiles for Y = X W^T (M rows). Below 512 rows BLOCK_N shrinks until the grid has
+    about two programs per SM (a 4096-row weight at M = 128 has only 64 tiles of 64 x 128)."""
+    if M > 256:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=8, num_stages=3)
+    block_m = 32 if M <= 64 else 64
+    block_n = 128
+    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 2 * 132:  # H100 SMs
+        block_n //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
 
 
 def dx_config(M: int, N: int, K: int) -> dict:
@@ -564,8 +733,16 @@ def dx_config(M: int, N: int, K: int) -> dict:
 
 
 def gemv_config(M: int, N: int, K: int) -> dict:
-    """Skinny tiles; SPLIT_K None: enough K slices for about two programs per SM."""
-    return dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_warps=8, num_stages=3)
+    """Decode tiles. KERNEL "fma" (CUDA cores; M <= 4, K % 64 == 0) or "mma" (tensor cores, any K,
+    M <= 64). BLOCK_N None (fma): the largest of 16, 8, 4 rows that still gives WAVES programs per
+    SM. SPLIT_K None: enough K slices for WAVES programs per SM. From benchmarks/nf4.py's sweep on an
+    H100 (graph-timed): fma wins at 1-2 rows, the tensor-core kernel from 3 rows on."""
+    if M <= 2 and K % BLOCKSIZE == 0:
+        return dict(KERNEL="fma", BLOCK_N=None, BLOCK_K=512, WORD_VEC=4, SPLIT_K=None, WAVES=3, num_warps=4,
+                    num_stages=1)
+    if K % BLOCKSIZE:  # the generic per-element path: small steps keep it in registers
+        return dict(KERNEL="mma", BLOCK_N=64, BLOCK_K=64, SPLIT_K=None, WAVES=4, num_warps=4, num_stages=1)
+    return dict(KERNEL="mma", BLOCK_N=64, BLOCK_K=256, SPLIT_K=None, WAVES=4, num_warps=4, num_stages=3)
 
 
 def nf4_gemm(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
@@ -615,34 +792,54 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _gemv_plan(M: int, N: int, K: int, dtype: torch.dtype, sms: int, config: dict) -> tuple:
+    """(kernel, grid, split, scalar args, constexprs) of one nf4_gemv launch: x is contiguous
+    (stride K) and y fresh (stride N), so the whole launch is fixed by the shape."""
+    c = dict(gemv_config(M, N, K), **config)
+    fma = c["KERNEL"] == "fma"
+    if fma and (K % BLOCKSIZE or M > 4 or c["BLOCK_K"] % BLOCKSIZE):
+        raise ValueError(f"nf4_gemv: the fma kernel needs K % 64 == 0, M <= 4 and BLOCK_K % 64 == 0, "
+                         f"got K={K}, M={M}, BLOCK_K={c['BLOCK_K']}")
+    target = c.get("WAVES", 4) * sms  # programs wanted
+    block_n = c["BLOCK_N"] or next((b for b in (16, 8) if triton.cdiv(N, b) >= target), 4)
+    n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, c["BLOCK_K"])
+    split = c["SPLIT_K"] or max(1, min(k_tiles, triton.cdiv(target, n_tiles)))
+    k_per_split = triton.cdiv(k_tiles, split) * c["BLOCK_K"]
+    split = triton.cdiv(K, k_per_split)
+    meta = dict(BLOCK_N=block_n, BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1, num_warps=c["num_warps"],
+                num_stages=c["num_stages"])
+    if fma:
+        meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0, WORD_VEC=c.get("WORD_VEC", 4))
+        return _nf4_decode_fma_kernel, (n_tiles, split), split, (N, K, K, N, k_per_split), meta
+    meta.update(BLOCK_M=c.get("BLOCK_M") or max(16, triton.next_power_of_2(M)), K_ALIGNED=K % BLOCKSIZE == 0,
+                EVEN=_even(N, K, block_n, c["BLOCK_K"]), DOT_PRECISION=_dot_precision(dtype))
+    return _nf4_decode_mma_kernel, (n_tiles, split), split, (M, N, K, K, N, k_per_split), meta
+
+
+_default_gemv_plan = functools.lru_cache(maxsize=4096)(
+    lambda M, N, K, dtype, sms: _gemv_plan(M, N, K, dtype, sms, {}))
+
+
 def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
-    """Y (M, N) = X (M, K) @ W^T for M <= 16 rows; split-K when N alone gives too few programs."""
+    """Y (M, N) = X (M, K) @ W^T for M <= 64 rows (decoding); split-K when N alone gives too few
+    programs (fp32 atomics into a zeroed buffer, then one cast). The default launch is resolved once
+    per shape: decoding calls this for every layer, and host time adds up."""
     N, K = q.shape
     x = _check_2d(x, K, q, "nf4_gemv")
     M = x.shape[0]
-    if M > 16:
-        raise ValueError(f"nf4_gemv handles at most 16 rows, got {M}; use nf4_gemm")
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"nf4_gemv handles at most {GEMV_MAX_ROWS} rows, got {M}; use nf4_gemm")
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=x.dtype, device=x.device)
-    c = dict(gemv_config(M, N, K), **(config or {}))
-    n_tiles, k_tiles = triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(K, c["BLOCK_K"])
-    split = c["SPLIT_K"] or max(1, min(k_tiles, triton.cdiv(2 * _num_sms(x.device), n_tiles)))
-    k_per_split = triton.cdiv(k_tiles, split) * c["BLOCK_K"]
-    split = triton.cdiv(K, k_per_split)
+    sms = _num_sms(x.device)
+    plan = _default_gemv_plan(M, N, K, x.dtype, sms) if config is None else _gemv_plan(M, N, K, x.dtype, sms, config)
+    kernel, grid, split, scalars, meta = plan
     if split == 1:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    pair_lut = c["BLOCK_K"] % BLOCKSIZE == 0 and K % BLOCKSIZE == 0 and x.dtype in (torch.float16, torch.bfloat16)
-    pairs16 = _pair_table(str(x.device), x.dtype) if pair_lut else q.packed  # unused unless pair_lut
-    _nf4_gemv_kernel[(n_tiles, split)](
-        x, *q.tensors(), pairs16, y, M, N, K, x.stride(0), y.stride(0), k_per_split,
-        BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1,
-        K_ALIGNED=K % BLOCKSIZE == 0, EVEN=_even(N, K, c["BLOCK_N"], c["BLOCK_K"]), PAIR_LUT=pair_lut,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
-    return y.to(x.dtype)
+    kernel[grid](x, *q.tensors(), y, *scalars, **meta)
+    return y if split == 1 else y.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,11 +847,24 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
 # ----------------------------------------------------------------------------------------------
 
 
-# Rows from which nf4_matmul (forward and dX) dequantizes W into a transient dense tensor and calls
-# cuBLAS instead of the fused kernel. None: always fused. The fused GEMM spends ~17 instructions per
-# weight element on each of its BLOCK_M-row tiles, so at large M it is ALU-bound; benchmarks/nf4.py
-# times both ("dequant_cublas_us") so this can be set from measurements.
-DENSE_MIN_ROWS: int | None = None
+GEMV_MAX_ROWS = 64  # nf4_gemv's limit: the tensor-core decode kernel pads the rows to BLOCK_M <= 64
+
+# nf4_matmul's policy on CUDA, by rows M of the (flattened) input; benchmarks/nf4.py measures it.
+#   M <= GEMV_ROWS                 nf4_gemv: memory-bound decode kernels, W read once
+#   GEMV_ROWS < M < DENSE_MIN_ROWS  the fused GEMM: W dequantized tile by tile in registers
+#   M >= DENSE_MIN_ROWS             dequantize W into a transient bf16 copy (one weight, freed after
+#                                   the call), then cuBLAS; the same for dX in the backward. The
+#                                   fused kernel re-dequantizes each weight element once per BLOCK_M
+#                                   rows: on Hopper that ALU work costs more than the HBM traffic of
+#                                   one dense copy (~57 us per 14336x4096 weight) saves.
+# Measured on an H100 (benchmarks/NOTES.md, "crossover", CUDA-graph times): from 16 to 64 rows the
+# decode kernel (40-80 us) beats the fused GEMM (70-129 us) and the dense path (101-105 us); above
+# 64 rows the dense path (102-116 us up to 256 rows, then cuBLAS-bound) beats the fused GEMM by up
+# to 2.4x on tall weights (4096x14336: 162-281 us) and loses by ~9% only on wide ones at 65-128
+# rows (14336x4096: fused 93 us). So the fused GEMM is off the default path; with
+# DENSE_MIN_ROWS = None it serves every M > GEMV_ROWS (no transient copy).
+GEMV_ROWS = 64
+DENSE_MIN_ROWS: int | None = 65
 
 
 def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
@@ -682,7 +892,7 @@ class _NF4Matmul(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         if not _use_triton(x, backend):
             y2 = torch.nn.functional.linear(x2, dequantize_nf4_reference(q, x.dtype))
-        elif x2.shape[0] <= 16:
+        elif x2.shape[0] <= GEMV_ROWS:
             y2 = nf4_gemv(x2, q)
         elif _dense(x2.shape[0]):
             y2 = torch.nn.functional.linear(x2, dequantize_nf4_triton(q, x.dtype))

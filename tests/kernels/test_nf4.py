@@ -162,7 +162,7 @@ def test_gemm_matches_reference(M, N, Kd, dtype, w_as_a):
     assert _rel_err(y, x.float() @ w.float().T) < TOL[dtype]
 
 
-@pytest.mark.parametrize("block_k", [32, 128])
+@pytest.mark.parametrize("block_k", [16, 32, 128])
 def test_gemm_block_k_below_and_above_the_quant_block(block_k):
     x, q, w = _problem(33, 48, 320, torch.float16)
     y = K.nf4_gemm(x, q, dict(SMALL_GEMM, BLOCK_K=block_k, W_AS_A=True))
@@ -192,28 +192,69 @@ def test_gemv_matches_reference(M, N, Kd, dtype, split_k):
 
 
 @pytest.mark.parametrize("block_k", [128, 256])  # several quant blocks per step; K=192 ends mid-step
-def test_gemv_pair_table_path_multi_block_steps(block_k):
+def test_gemv_mma_multi_block_steps(block_k):
     x, q, w = _problem(5, 80, 192, torch.float16)
-    y = K.nf4_gemv(x, q, dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=1, num_warps=4, num_stages=2))
+    y = K.nf4_gemv(x, q, dict(KERNEL="mma", BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=1, num_warps=4, num_stages=2))
     assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pair_tables_hold_both_nibbles(dtype):
-    """Byte b -> (NF4[b >> 4], NF4[b & 15]), the first value in the low half of the entry:
-    int64 with exact fp32 values (every kernel's table), int32 with 16-bit values (decode)."""
-    pairs = K.nf4_pairs("cpu") if dtype == torch.float32 else K._pair_table("cpu", dtype)
-    halves = pairs.view(torch.int32 if dtype == torch.float32 else torch.int16).view(256, 2).view(dtype)
+FMA = dict(KERNEL="fma", num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_gemv_fma_every_token_count(M, dtype):
+    """One accumulator per token; N = 40 ends mid row tile, K = 192 ends mid step."""
+    x, q, w = _problem(M, 40, 192, dtype)
+    y = K.nf4_gemv(x, q, dict(FMA, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, num_warps=4))
+    assert y.dtype == dtype and y.shape == (M, 40)
+    assert _rel_err(y, x.float() @ w.float().T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("word_vec,block_k,warps", [(4, 64, 4), (2, 128, 2), (1, 256, 1)])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_fma_word_layouts_and_split_k(word_vec, block_k, warps, split_k):
+    """4-, 8- and 16-byte word loads (WORD_VEC) and split-K (fp32 atomics); K = 320 = 5 groups, so
+    the 128- and 256-wide steps end past K and the hand-made prefetch runs off the slice."""
+    x, q, w = _problem(2, 48, 320, torch.float16)
+    y = K.nf4_gemv(x, q, dict(FMA, BLOCK_N=16, BLOCK_K=block_k, WORD_VEC=word_vec, SPLIT_K=split_k,
+                              num_warps=warps))
+    assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
+
+
+def test_gemv_fma_auto_block_n_and_rejects_bad_shapes():
+    x, q, w = _problem(1, 80, 192, torch.float32)
+    assert _rel_err(K.nf4_gemv(x, q, dict(FMA)), x @ w.T) < TOL[torch.float32]  # BLOCK_N and split chosen
+    with pytest.raises(ValueError, match="fma kernel needs"):
+        K.nf4_gemv(torch.zeros(5, 192, device=DEV), q, dict(FMA))  # 5 tokens
+    _, q50, _ = _problem(1, 16, 50, torch.float32)
+    with pytest.raises(ValueError, match="fma kernel needs"):
+        K.nf4_gemv(torch.zeros(1, 50, device=DEV), q50, dict(FMA))  # K % 64 != 0
+
+
+@pytest.mark.parametrize("M,Kd", [(17, 192), (40, 128), (64, 50)])  # BLOCK_M 32 / 64, aligned and any K
+def test_gemv_mma_up_to_64_rows(M, Kd):
+    x, q, w = _problem(M, 48, Kd, torch.float16)
+    y = K.nf4_gemv(x, q, dict(KERNEL="mma", BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1))
+    assert y.shape == (M, 48)
+    assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
+
+
+def test_pair_table_first_line_holds_the_16_values():
+    """Byte b -> (NF4[b >> 4], NF4[b & 15]) as the exact fp32 bits of an int64 entry (the first value
+    in the low half); entries 0..15 therefore hold NF4[c] in their high halves, which nf4_nibble reads."""
+    halves = K.nf4_pairs("cpu").view(torch.float32).view(256, 2)
     b = torch.arange(256)
-    assert torch.equal(halves[:, 0], K.nf4_code()[b >> 4].to(dtype))
-    assert torch.equal(halves[:, 1], K.nf4_code()[b & 15].to(dtype))
+    assert torch.equal(halves[:, 0], K.nf4_code()[b >> 4])
+    assert torch.equal(halves[:, 1], K.nf4_code()[b & 15])
+    assert torch.equal(halves[:16, 1], K.nf4_code())
 
 
 def test_gemv_default_config_and_row_limit():
     x, q, w = _problem(4, 80, 192, torch.float16)
     assert _rel_err(K.nf4_gemv(x, q), x.float() @ w.float().T) < TOL[torch.float16]
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        K.nf4_gemv(torch.zeros(17, 192, dtype=torch.float16, device=DEV), q)
+    with pytest.raises(ValueError, match=f"at most {K.GEMV_MAX_ROWS} rows"):
+        K.nf4_gemv(torch.zeros(K.GEMV_MAX_ROWS + 1, 192, dtype=torch.float16, device=DEV), q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +262,7 @@ def test_gemv_default_config_and_row_limit():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows", [3, 33])  # the skinny kernel, then the fused GEMM
+@pytest.mark.parametrize("rows", [3, 33])  # the decode kernels (dX: the fused dX kernel)
 def test_nf4_matmul_triton_autograd(rows):
     _, q, w = _problem(1, 48, 192, torch.float32)
     x = torch.randn(1, rows, 192, device=DEV, requires_grad=True)
@@ -234,6 +275,27 @@ def test_nf4_matmul_triton_autograd(rows):
     assert y.shape == (1, rows, 48)
     assert _rel_err(y, y_ref) < 1e-5
     assert _rel_err(x.grad, x_ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("rows,path", [(1, "gemv"), (64, "gemv"), (65, "dense"), (200, "dense")])
+def test_nf4_matmul_policy(monkeypatch, rows, path):
+    """<= GEMV_ROWS rows: the decode kernels (dX: the fused dX kernel); from DENSE_MIN_ROWS:
+    dequantize + dense matmul, forward and dX; in between (no rows by default, every row above
+    GEMV_ROWS with DENSE_MIN_ROWS = None): the fused GEMM."""
+    calls = []
+    for name in ("nf4_gemv", "nf4_gemm", "nf4_gemm_dx", "dequantize_nf4_triton"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    _, q, w = _problem(1, 16, 64, torch.float32)
+    x = torch.randn(rows, 64, device=DEV, requires_grad=True)
+    y = K.nf4_matmul(x, q, backend="triton")
+    y.sum().backward()
+    assert calls == {"gemv": ["nf4_gemv", "nf4_gemm_dx"], "dense": ["dequantize_nf4_triton"] * 2}[path]
+    assert _rel_err(y, x @ w.T) < 1e-5
+    calls.clear()
+    monkeypatch.setattr(K, "DENSE_MIN_ROWS", None)
+    K.nf4_matmul(x.detach(), q, backend="triton")
+    assert calls == (["nf4_gemv"] if rows <= K.GEMV_ROWS else ["nf4_gemm"])
 
 
 def test_nf4_matmul_dense_switch(monkeypatch):
