@@ -45,7 +45,9 @@ def measure(layers):
     assert all(len(s) == 32 for s in out[0])
     e2e = timed(lambda: run(32))
     prefill = timed(lambda: run(1))
-    r = {"layers": layers, "weights_GB": weights_gb, "e2e_ms": e2e, "prefill_ms": prefill,
+    import engine.sampling as sampling
+
+    r = {"layers": layers, "decode_path": str(getattr(sampling, "LAST_DECODE", None)), "weights_GB": weights_gb, "e2e_ms": e2e, "prefill_ms": prefill,
          "decode_step_ms": (e2e - prefill) / 31, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model
     torch.cuda.empty_cache()
