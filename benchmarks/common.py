@@ -22,6 +22,25 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])[0]
 
 
+def wall_median_ms(fn, warm: int = 1, rep: int = 3) -> float:
+    """Median wall-clock milliseconds of fn() (synchronized), for whole workloads of many kernels
+    (a generate call, a training step) where per-kernel event timing does not apply."""
+    import time
+
+    import torch
+
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def bench_graph_us(calls, reps: int = 20) -> float:
     """Median microseconds per call of `calls` (a list of thunks) replayed back to back from one
     CUDA graph: no launch gaps, as in graph-captured decoding. Give calls on different inputs (more

@@ -11,24 +11,12 @@ Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer p
 """
 import argparse
 import json
-import time
-
 import torch
+
+from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
 
 from benchmarks.mixtral_random import random_nf4_mixtral
 from engine.sampling import generate
-
-
-def timed(fn, rep=3):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(layers):
@@ -43,8 +31,8 @@ def measure(layers):
 
     out = run(32)
     assert all(len(s) == 32 for s in out[0])
-    e2e = timed(lambda: run(32))
-    prefill = timed(lambda: run(1))
+    e2e = wall_median_ms(lambda: run(32))
+    prefill = wall_median_ms(lambda: run(1))
     import engine.sampling as sampling
 
     r = {"layers": layers, "decode_path": str(getattr(sampling, "LAST_DECODE", None)), "weights_GB": weights_gb, "e2e_ms": e2e, "prefill_ms": prefill,

@@ -11,22 +11,8 @@ Usage: python benchmarks/peer_seed_stack.py --out peer.json [--skip_train]
 import argparse
 import json
 import os
-import time
-
 import torch
-
-
-def median_ms(fn, warm=1, rep=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+from common import wall_median_ms as median_ms
 
 
 def build(layers):

@@ -10,9 +10,10 @@ Usage: python benchmarks/train_step.py --out train_step.json [--peer peer.json]
 """
 import argparse
 import json
-import time
 
 import torch
+
+from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
 
 from benchmarks.mixtral_random import random_nf4_mixtral
 from engine.loss import chunked_cross_entropy
@@ -38,17 +39,9 @@ def measure(layers, batch=8, seq=640):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    r = {"layers": layers, "step_ms": sorted(times)[2], "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    step_ms = wall_median_ms(step, warm=2, rep=5)
+    r = {"layers": layers, "step_ms": step_ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model, opt
     torch.cuda.empty_cache()
     print(r, flush=True)
