@@ -18,6 +18,7 @@ setup(
         "gguf",
         "matplotlib",
         "tqdm",
+        "jinja2",
     ],
     extras_require={
         "dev": ["pytest", "transformers", "peft", "bitsandbytes", "gguf"],
