@@ -9,8 +9,8 @@ from engine.adapters import load_adapter, read_adapter, save_adapter
 from engine.errors import EngineError
 from models.lora import inject_lora, lora_layers, merge_lora
 
-transformers = pytest.importorskip("transformers")  # dev dependencies: always installed in CI
-peft = pytest.importorskip("peft")
+import transformers  # dev dependencies: a missing peer must fail, not skip
+import peft  # a dev dependency: a missing peer must fail, not skip
 
 TOL = 1e-4
 VOCAB = 96

@@ -10,7 +10,7 @@ from models.config import ModelConfig
 from models.nf4 import NF4Linear, replace_linears_with_nf4
 from models.transformer import Transformer
 
-bnb = pytest.importorskip("bitsandbytes")  # a dev dependency (setup.py extras "dev")
+import bitsandbytes as bnb  # a dev dependency (setup.py extras "dev"): missing must fail, not skip
 import bitsandbytes.functional as bnb_F  # noqa: E402
 
 
