@@ -16,6 +16,7 @@ import torch
 from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
 
 from benchmarks.mixtral_random import random_nf4_mixtral
+import engine.sampling as sampling
 from engine.sampling import generate
 
 
@@ -32,11 +33,11 @@ def measure(layers):
     out = run(32)
     assert all(len(s) == 32 for s in out[0])
     e2e = wall_median_ms(lambda: run(32))
+    decode_path = str(sampling.LAST_DECODE)  # how the 32-token runs decoded (eager or CUDA graph)
     prefill = wall_median_ms(lambda: run(1))
-    import engine.sampling as sampling
-
-    r = {"layers": layers, "decode_path": str(getattr(sampling, "LAST_DECODE", None)), "weights_GB": weights_gb, "e2e_ms": e2e, "prefill_ms": prefill,
-         "decode_step_ms": (e2e - prefill) / 31, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    r = {"layers": layers, "decode_path": decode_path, "weights_GB": weights_gb, "e2e_ms": e2e,
+         "prefill_ms": prefill, "decode_step_ms": (e2e - prefill) / 31,
+         "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model
     torch.cuda.empty_cache()
     print(r, flush=True)
