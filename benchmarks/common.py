@@ -72,6 +72,29 @@ def bench_graph_us(calls, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def section(results: dict, name: str, after=None):
+    """Decorator: run one part of a benchmark now; a failure is recorded in results["errors"] and
+    the run goes on. Frees the CUDA cache afterwards, then calls after() (e.g. rewrite the JSON)."""
+    import time
+    import traceback
+
+    def deco(fn):
+        import torch
+
+        t0 = time.time()
+        try:
+            fn()
+            print(f"[{name}] {time.time() - t0:.1f}s", flush=True)
+        except Exception:
+            results["errors"][name] = traceback.format_exc()[-1500:]
+            print(f"[{name}] FAILED\n{results['errors'][name]}", flush=True)
+        torch.cuda.empty_cache()
+        if after is not None:
+            after()
+        return fn
+    return deco
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")

@@ -25,6 +25,7 @@ import traceback
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from common import bench_ms, env_info, parser, print_table, write_json
+from common import section as common_section
 from torch import nn
 
 from kernels import moe as K
@@ -49,18 +50,8 @@ RESULTS: dict = {"env": env_info(), "shape": dict(C=C, I=I, E=E, top_k=TOP_K), "
 
 
 def section(name):
-    """Run one part; a failure is recorded and the run goes on."""
-    def deco(fn):
-        t0 = time.time()
-        try:
-            fn()
-            print(f"[{name}] {time.time() - t0:.1f}s", flush=True)
-        except Exception:
-            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-            print(f"[{name}] FAILED\n{RESULTS['errors'][name]}", flush=True)
-        torch.cuda.empty_cache()
-        return fn
-    return deco
+    """Run one part (common.section)."""
+    return common_section(RESULTS, name)
 
 
 def rel_err(a, b) -> float:

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import time
-import traceback
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from common import bench_graph_us, bench_ms, env_info, parser, print_table, write_json
+from common import section as common_section
 
 from kernels import nf4 as K
 
@@ -76,19 +76,8 @@ OUT_PATH = None
 
 
 def section(name):
-    """Run one part; a failure is recorded and the run goes on; the JSON is rewritten after each."""
-    def deco(fn):
-        t0 = time.time()
-        try:
-            fn()
-            print(f"[{name}] {time.time() - t0:.1f}s", flush=True)
-        except Exception:
-            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-            print(f"[{name}] FAILED\n{RESULTS['errors'][name]}", flush=True)
-        torch.cuda.empty_cache()
-        write_json(OUT_PATH, RESULTS, quiet=True)
-        return fn
-    return deco
+    """Run one part (common.section); the JSON is rewritten after each."""
+    return common_section(RESULTS, name, after=lambda: write_json(OUT_PATH, RESULTS, quiet=True))
 
 
 def rel_err(a, b) -> float:
