@@ -631,157 +631,6 @@ def _store_row(y_ptr, offs_n, n_mask, acc, ATOMIC: tl.constexpr):
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-# The "rows" decode kernel (1-4 rows, CUDA cores), the default for M <= 2. Its step is a
-# (BLOCK_N, G, 2, 4) tile of int32 words: word 8g + 4h + j of a step holds the eight elements
-# 64g + 8(4h + j) + t, t = 0..7 (high nibble first in each byte), so one thread's four words along
-# the last axis are one 16-byte load, and the products of a word are summed in-thread (an FMA
-# chain over its 8 elements) before one FMA applies the group's absmax. Accumulators keep that
-# shape across the whole K slice and are reduced once at the end: no per-step shuffles. The x
-# values of a step are loaded once per thread and shared by every row the thread holds.
-
-
-@triton.jit
-def _step_word_offsets(G: tl.constexpr):
-    """(1, G, 2, 4) word offsets of one step's words inside a row (see above)."""
-    g = tl.arange(0, G)[None, :, None, None]
-    h = tl.arange(0, 2)[None, None, :, None]
-    j = tl.arange(0, 4)[None, None, None, :]
-    return g * 8 + h * 4 + j
-
-
-@triton.jit
-def nf4_step_words(w_rows, k0, k_hi, n_mask, G: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """(BN, G, 2, 4) uint32 words of columns k0 .. k0 + 64G of the rows w_rows ((BN, 1, 1, 1) int32
-    pointers to row starts; K % 64 == 0); words at or past k_hi, or of masked rows, read 0x77777777
-    (code 7: zero). k0 is a multiple of 64. EVEN_K: steps never straddle k_hi (one predicate)."""
-    ow = (k0 // 64) * 8 + _step_word_offsets(G)  # written as a multiple of 8: keeps 16-byte alignment
-    if EVEN_K:
-        mask = (ow * 0 + k0) < k_hi
-    else:
-        mask = (ow * 8) < k_hi
-    if not EVEN_N:
-        mask = mask & n_mask
-    return tl.load(w_rows + ow, mask=mask, other=0x77777777).to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def nf4_step_x(x_ptr, k0, k_hi, G: tl.constexpr, EVEN_K: tl.constexpr):
-    """The eight (1, G, 2, 4) fp32 slices x_t = x[k0 + 64g + 8(4h + j) + t] of one activation row."""
-    g = tl.arange(0, G)[:, None, None, None]
-    h = tl.arange(0, 2)[None, :, None, None]
-    j = tl.arange(0, 4)[None, None, :, None]
-    t = tl.arange(0, 8)[None, None, None, :]
-    offs = k0 + g * 64 + h * 32 + j * 8 + t  # (G, 2, 4, 8): 16 contiguous bytes per word of bf16
-    if EVEN_K:
-        x = tl.load(x_ptr + offs).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
-    x = tl.reshape(x, (G, 2, 4, 2, 2, 2))  # t = 4a + 2b + c
-    x0246, x1357 = tl.split(x)  # c
-    x04, x26 = tl.split(x0246)  # b
-    x15, x37 = tl.split(x1357)
-    x0, x4 = tl.split(x04)  # a
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
-    return x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None]
-
-
-@triton.jit
-def _nf4_lookup(table, pairs_ptr, code, SMEM_LUT: tl.constexpr):
-    """fp32 NF4[code] for a (BN, G, 2, 4) code tile: from the 16-entry table in shared memory
-    (tl.gather: a store of the table and two barriers per call), or from the byte table's first
-    cache line in L1 (`nf4_nibble`: no barrier, 64-bit address arithmetic per element)."""
-    if SMEM_LUT:
-        BN: tl.constexpr = code.shape[0]
-        G: tl.constexpr = code.shape[1]
-        flat = tl.gather(table, tl.reshape(code, (BN * G * 8,)).to(tl.int32), 0)
-        return tl.reshape(flat, (BN, G, 2, 4))
-    else:
-        return nf4_nibble(pairs_ptr, code)
-
-
-@triton.jit
-def nf4_word_dots(words, table, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7, SMEM_LUT: tl.constexpr):
-    """(BN, G): per 64-column group, the sum of NF4[code] * x over the group's elements (unscaled).
-    Per word, the 8 products are an in-thread FMA chain. Element 2b of a word is the high nibble
-    of byte b (bits 8b + 4 .. 8b + 7)."""
-    acc = _nf4_lookup(table, pairs_ptr, (words >> 4) & 15, SMEM_LUT) * x0
-    acc += _nf4_lookup(table, pairs_ptr, words & 15, SMEM_LUT) * x1
-    acc += _nf4_lookup(table, pairs_ptr, (words >> 12) & 15, SMEM_LUT) * x2
-    acc += _nf4_lookup(table, pairs_ptr, (words >> 8) & 15, SMEM_LUT) * x3
-    acc += _nf4_lookup(table, pairs_ptr, (words >> 20) & 15, SMEM_LUT) * x4
-    acc += _nf4_lookup(table, pairs_ptr, (words >> 16) & 15, SMEM_LUT) * x5
-    acc += _nf4_lookup(table, pairs_ptr, words >> 28, SMEM_LUT) * x6
-    acc += _nf4_lookup(table, pairs_ptr, (words >> 24) & 15, SMEM_LUT) * x7
-    return tl.sum(tl.sum(acc, axis=3), axis=2)
-
-
-@triton.jit
-def nf4_step_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, k0, K, n_mask, G: tl.constexpr):
-    """(BN, G) fp32 absmax of the step's 64-column groups; rows: (BN, 1) int64, n_mask (BN, 1)."""
-    offs_g = k0 // 64 + tl.arange(0, G)[None, :]
-    return nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows * (K // 64) + offs_g,
-                      n_mask & (offs_g < K // 64))
-
-
-@triton.jit
-def _store_rows(y_ptr, offs_n, n_mask, acc, ATOMIC: tl.constexpr):
-    """Reduce one token's (BN, G) accumulator to (BN,) and write (or add) it to y."""
-    y = tl.sum(acc, axis=1)
-    if ATOMIC:  # split-K: y is an fp32 buffer the launcher zeroed
-        tl.atomic_add(y_ptr + offs_n, y, mask=n_mask, sem="relaxed")
-    else:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def _nf4_decode_rows_kernel(
-    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
-    N, K, stride_xm, stride_ym, K_PER_SPLIT,
-    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr, SMEM_LUT: tl.constexpr,
-):
-    # Program (pid_n, pid_k): rows offs_n over one K slice, BLOCK_K = 64 G columns per step; the next
-    # step's words are loaded before this step's math (Triton pipelines only loads that feed a dot).
-    G: tl.constexpr = BLOCK_K // 64
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows2 = offs_n.to(tl.int64)[:, None]  # (BN, 1)
-    mask2 = (offs_n < N)[:, None]
-    rows4 = rows2[:, :, None, None]  # (BN, 1, 1, 1)
-    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows4 * ((K // 64) * 8)
-    table = _nf4_nibble_table(pairs_ptr)
-    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    k_lo = tl.program_id(1) * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    words = nf4_step_words(w_rows, k_lo, k_hi, mask2[:, :, None, None], G, EVEN_N, EVEN_K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        cur = words
-        words = nf4_step_words(w_rows, k0 + BLOCK_K, k_hi, mask2[:, :, None, None], G, EVEN_N, EVEN_K)
-        scale = nf4_step_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows2, k0, K, mask2, G)
-        x0, x1, x2, x3, x4, x5, x6, x7 = nf4_step_x(x_ptr, k0, k_hi, G, EVEN_K)
-        acc0 += nf4_word_dots(cur, table, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7, SMEM_LUT) * scale
-        if M > 1:
-            x0, x1, x2, x3, x4, x5, x6, x7 = nf4_step_x(x_ptr + stride_xm, k0, k_hi, G, EVEN_K)
-            acc1 += nf4_word_dots(cur, table, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7, SMEM_LUT) * scale
-        if M > 2:
-            x0, x1, x2, x3, x4, x5, x6, x7 = nf4_step_x(x_ptr + 2 * stride_xm, k0, k_hi, G, EVEN_K)
-            acc2 += nf4_word_dots(cur, table, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7, SMEM_LUT) * scale
-        if M > 3:
-            x0, x1, x2, x3, x4, x5, x6, x7 = nf4_step_x(x_ptr + 3 * stride_xm, k0, k_hi, G, EVEN_K)
-            acc3 += nf4_word_dots(cur, table, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7, SMEM_LUT) * scale
-    _store_rows(y_ptr, offs_n, offs_n < N, acc0, ATOMIC)
-    if M > 1:
-        _store_rows(y_ptr + stride_ym, offs_n, offs_n < N, acc1, ATOMIC)
-    if M > 2:
-        _store_rows(y_ptr + 2 * stride_ym, offs_n, offs_n < N, acc2, ATOMIC)
-    if M > 3:
-        _store_rows(y_ptr + 3 * stride_ym, offs_n, offs_n < N, acc3, ATOMIC)
-
-
 @triton.jit
 def _nf4_decode_mma_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
@@ -947,9 +796,9 @@ def _gemv_plan(M: int, N: int, K: int, dtype: torch.dtype, sms: int, config: dic
     """(kernel, grid, split, scalar args, constexprs) of one nf4_gemv launch: x is contiguous
     (stride K) and y fresh (stride N), so the whole launch is fixed by the shape."""
     c = dict(gemv_config(M, N, K), **config)
-    fma = c["KERNEL"] in ("fma", "rows")
+    fma = c["KERNEL"] == "fma"
     if fma and (K % BLOCKSIZE or M > 4 or c["BLOCK_K"] % BLOCKSIZE):
-        raise ValueError(f"nf4_gemv: the {c['KERNEL']} kernel needs K % 64 == 0, M <= 4 and BLOCK_K % 64 == 0, "
+        raise ValueError(f"nf4_gemv: the fma kernel needs K % 64 == 0, M <= 4 and BLOCK_K % 64 == 0, "
                          f"got K={K}, M={M}, BLOCK_K={c['BLOCK_K']}")
     target = c.get("WAVES", 4) * sms  # programs wanted
     block_n = c["BLOCK_N"] or next((b for b in (16, 8) if triton.cdiv(N, b) >= target), 4)
@@ -959,10 +808,6 @@ def _gemv_plan(M: int, N: int, K: int, dtype: torch.dtype, sms: int, config: dic
     split = triton.cdiv(K, k_per_split)
     meta = dict(BLOCK_N=block_n, BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1, num_warps=c["num_warps"],
                 num_stages=c["num_stages"])
-    if c["KERNEL"] == "rows":
-        meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0 and k_per_split % c["BLOCK_K"] == 0,
-                    SMEM_LUT=c.get("SMEM_LUT", True))
-        return _nf4_decode_rows_kernel, (n_tiles, split), split, (N, K, K, N, k_per_split), meta
     if fma:
         meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0, WORD_VEC=c.get("WORD_VEC", 4))
         return _nf4_decode_fma_kernel, (n_tiles, split), split, (N, K, K, N, k_per_split), meta
