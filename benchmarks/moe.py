@@ -162,6 +162,10 @@ def main():
             moe.backend = None
             rows = [("ours kernels", bench_ms(lambda: moe(x))),
                     ("ours kernels, CUDA graph", bench_ms(graphed(lambda: moe(x))))]
+            if T <= K.ROWS_MAX_TOKENS:  # the two MMA kernels, the default for few tokens before the row kernels
+                saved, K.ROWS_MAX_TOKENS = K.ROWS_MAX_TOKENS, 0
+                rows.append(("ours MMA kernels, CUDA graph", bench_ms(graphed(lambda: moe(x)))))
+                K.ROWS_MAX_TOKENS = saved
             moe.backend = "reference"
             rows.append(("ours expert loop", bench_ms(lambda: moe(x))))
             moe.backend = None
@@ -189,7 +193,9 @@ def main():
             y = K.moe_down(h, ids, weights, nf4)
             gu_bytes = n_exp * 2 * (nf4.w1[0].packed.numel() + nf4.w1[0].absmax.numel())
             dn_bytes = n_exp * (nf4.w2[0].packed.numel() + nf4.w2[0].absmax.numel())
-            for what, fn, nb in [("gate_up", lambda: K.moe_gate_up(x, ids, nf4), gu_bytes),
+            rows_kernels = [("row kernels (gate_up + down + combine)", lambda: K.moe_decode_rows(x, weights, ids, nf4),
+                             gu_bytes + dn_bytes)] if T <= K.ROWS_MAX_TOKENS else []
+            for what, fn, nb in rows_kernels + [("gate_up", lambda: K.moe_gate_up(x, ids, nf4), gu_bytes),
                                  ("down", lambda: K.moe_down(h, ids, weights, nf4), dn_bytes),
                                  ("combine", lambda: K.moe_combine(y, TOP_K, DT), 0),
                                  ("router", lambda: route(moe.gate(x), TOP_K, x.dtype), 0)]:

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4 import BLOCKSIZE, NF4_VALUES, NF4Tensor, dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile
+from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _load_words, _nf4_nibble_table, _nf4_row_values,
+                         dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_group_dots)
 
 MAX_PAIRS = 64  # (token, slot) pairs one launch serves: BLOCK_P <= 64 rows of the MMA
 _FIELDS = {"packed": torch.uint8, "absmax": torch.uint8, "absmax2": torch.float32, "code2": torch.float32,
@@ -259,6 +260,226 @@ def _moe_down_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Few tokens (T <= 4): the CUDA-core decode loop of kernels.nf4 (nf4_gemv's "fma" kernel) per expert
+# ----------------------------------------------------------------------------------------------
+# A token's top_k experts are distinct, so an expert serves at most T pairs. For T <= 4 each
+# program streams a row tile of one expert's weight once and multiplies it with the 1-4 activation
+# rows of its pairs on the CUDA cores (a shift, a mask, a shared-memory lookup and one FMA per
+# weight element and row), instead of padding the pairs to 16 MMA columns with a wgmma wait per
+# 64-column group. The number of rows is a runtime branch, so an expert with one pair pays for one.
+#
+#   kernel A' _moe_gate_up_rows_kernel  grid (E, 2 * cdiv(I, BLOCK_N)): tiles of w1, then of w3
+#             gu[p, :I] = x_t w1_e^T,  gu[p, I:] = x_t w3_e^T   (fp32)
+#   kernel B' _moe_down_rows_kernel     grid (E, cdiv(C, BLOCK_N))
+#             y[p] = weight[p] * h[p] w2_e^T, h[p] = silu(gu[p, :I]) * gu[p, I:] rounded to x.dtype
+#             (computed while loading, as the two-kernel path stores h)  -> y (1, P, C) fp32
+
+
+@triton.jit
+def _pair_index(offs_p, routed, rank, i):
+    """Index of the i-th pair routed to this expert (0 if there is none)."""
+    return tl.sum(tl.where(routed & (rank == i), offs_p, 0), axis=0)
+
+
+@triton.jit
+def _x_step(src_ptr, offs_k, K, I, SWIGLU: tl.constexpr, DTYPE: tl.constexpr):
+    """(BK,) fp32 activations of one pair: x itself, or h = silu(g) * u from its fp32 gu row,
+    rounded to the compute dtype as the two-kernel path's h."""
+    if SWIGLU:
+        g = tl.load(src_ptr + offs_k)
+        u = tl.load(src_ptr + I + offs_k)
+        return (g * tl.sigmoid(g) * u).to(DTYPE).to(tl.float32)
+    else:
+        return tl.load(src_ptr + offs_k).to(tl.float32)
+
+
+@triton.jit
+def _expert_rows(
+    wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask, K, I,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """(BN,) fp32 x4: rows offs_n of one expert's weight (K % BLOCK_K == 0) times M activation rows
+    (src0..src3, the unused ones ignored). The loop of kernels.nf4's fma decode kernel."""
+    rows = offs_n.to(tl.int64)
+    row_words = (K // 64) * 8
+    w_rows = wp.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
+    offs_w = tl.max_contiguous(tl.arange(0, BLOCK_K // 8), 4)
+    offs_c = tl.arange(0, BLOCK_K)
+    G: tl.constexpr = BLOCK_K // 64
+    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    words = _load_words(w_rows, 0, K, offs_w, n_mask, row_words, False, True)
+    for k_start in range(0, K, BLOCK_K):
+        cur = words
+        words = _load_words(w_rows, k_start + BLOCK_K, K, offs_w, n_mask, row_words, False, True)
+        vals = _nf4_row_values(table, cur, BLOCK_N, BLOCK_K)  # (BN, BK) fp32, unscaled
+        offs_g = k_start // 64 + tl.arange(0, G)
+        scale = nf4_absmax(wa, wa2, wc2, wo, rows[:, None] * (K // 64) + offs_g[None, :], n_mask[:, None])
+        offs_k = k_start + offs_c
+        acc0 += nf4_group_dots(vals, _x_step(src0, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+        if M > 1:
+            acc1 += nf4_group_dots(vals, _x_step(src1, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+        if M > 2:
+            acc2 += nf4_group_dots(vals, _x_step(src2, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+        if M > 3:
+            acc3 += nf4_group_dots(vals, _x_step(src3, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+    return tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)
+
+
+@triton.jit
+def _store_pairs(out_ptr, stride_p, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+                 s0, s1, s2, s3, M: tl.constexpr):
+    """out[p_i, col0 + offs_n] = s_i * y_i for the M pairs."""
+    tl.store(out_ptr + p0.to(tl.int64) * stride_p + col0 + offs_n, y0 * s0, mask=n_mask)
+    if M > 1:
+        tl.store(out_ptr + p1.to(tl.int64) * stride_p + col0 + offs_n, y1 * s1, mask=n_mask)
+    if M > 2:
+        tl.store(out_ptr + p2.to(tl.int64) * stride_p + col0 + offs_n, y2 * s2, mask=n_mask)
+    if M > 3:
+        tl.store(out_ptr + p3.to(tl.int64) * stride_p + col0 + offs_n, y3 * s3, mask=n_mask)
+
+
+@triton.jit
+def _expert_tile(
+    wp, wa, wa2, wc2, wo, table, src_ptr, stride_src, src_div, out_ptr, stride_out, col0, weight_ptr,
+    expert_ptr, e, P, offs_n, n_mask, K, I,
+    MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """One program's work: find the pairs routed to expert e (at most MAX_ROWS), run the row loop
+    for exactly that many, store. Pair p's activation row is src_ptr + (p // src_div) * stride_src."""
+    offs_p = tl.arange(0, BLOCK_P)
+    routed = tl.load(expert_ptr + offs_p, mask=offs_p < P, other=-1) == e
+    n = tl.sum(routed.to(tl.int32), axis=0)
+    if n > 0:
+        rank = tl.cumsum(routed.to(tl.int32), axis=0) - 1
+        p0 = _pair_index(offs_p, routed, rank, 0)
+        p1 = _pair_index(offs_p, routed, rank, 1)
+        p2 = _pair_index(offs_p, routed, rank, 2)
+        p3 = _pair_index(offs_p, routed, rank, 3)
+        src0 = src_ptr + (p0 // src_div).to(tl.int64) * stride_src
+        src1 = src_ptr + (p1 // src_div).to(tl.int64) * stride_src
+        src2 = src_ptr + (p2 // src_div).to(tl.int64) * stride_src
+        src3 = src_ptr + (p3 // src_div).to(tl.int64) * stride_src
+        s0 = 1.0
+        s1 = 1.0
+        s2 = 1.0
+        s3 = 1.0
+        if WEIGHTED:
+            s0 = tl.load(weight_ptr + p0).to(tl.float32)
+            s1 = tl.load(weight_ptr + p1).to(tl.float32)
+            s2 = tl.load(weight_ptr + p2).to(tl.float32)
+            s3 = tl.load(weight_ptr + p3).to(tl.float32)
+        if n == 1:
+            y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask,
+                                          K, I, 1, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
+            _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+                         s0, s1, s2, s3, 1)
+        if MAX_ROWS > 1:
+            if n == 2:
+                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
+                                              n_mask, K, I, 2, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
+                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+                             s0, s1, s2, s3, 2)
+        if MAX_ROWS > 2:
+            if n == 3:
+                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
+                                              n_mask, K, I, 3, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
+                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+                             s0, s1, s2, s3, 3)
+        if MAX_ROWS > 3:
+            if n == 4:
+                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
+                                              n_mask, K, I, 4, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
+                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+                             s0, s1, s2, s3, 4)
+
+
+@triton.jit
+def _moe_gate_up_rows_kernel(
+    x_ptr, expert_ptr, table_ptr, pairs_ptr, gu_ptr, P, E, stride_x,
+    I: tl.constexpr, C: tl.constexpr, TOP_K: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr,
+):
+    # Program (e, t): t < cdiv(I, BN) -> rows of w1 into gu[:, :I]; else rows of w3 into gu[:, I:].
+    e = tl.program_id(0)
+    n_tiles: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    t = tl.program_id(1)
+    up = (t >= n_tiles).to(tl.int32)
+    offs_n = (t - up * n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    fields = table_ptr + up * 5 * E
+    wp, wa, wa2, wc2, wo = _expert_fields(fields, e, E, PACKED_ALIGNED)
+    table = _nf4_nibble_table(pairs_ptr)
+    _expert_tile(wp, wa, wa2, wc2, wo, table, x_ptr, stride_x, TOP_K, gu_ptr, 2 * I, up * I, gu_ptr,
+                 expert_ptr, e, P, offs_n, offs_n < I, C, I,
+                 MAX_ROWS, BLOCK_P, BLOCK_N, BLOCK_K, False, False, tl.float32)
+
+
+@triton.jit
+def _moe_down_rows_kernel(
+    gu_ptr, expert_ptr, weight_ptr, table_ptr, pairs_ptr, y_ptr, P, E,
+    I: tl.constexpr, C: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr, DTYPE: tl.constexpr,
+):
+    # Program (e, n-tile): rows offs_n of w2_e (C x I), for the pairs routed to e, weighted.
+    e = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    wp, wa, wa2, wc2, wo = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+    table = _nf4_nibble_table(pairs_ptr)
+    _expert_tile(wp, wa, wa2, wc2, wo, table, gu_ptr, 2 * I, 1, y_ptr, C, 0, weight_ptr,
+                 expert_ptr, e, P, offs_n, offs_n < C, I, I,
+                 MAX_ROWS, BLOCK_P, BLOCK_N, BLOCK_K, True, True, DTYPE)
+
+
+ROWS_MAX_TOKENS = 4  # moe_decode takes the row kernels up to this many tokens (16-bit x, K % BLOCK_K == 0)
+
+
+def rows_config(T: int) -> dict:
+    """Tiles of the row kernels: nf4_gemv's fma defaults for these shapes (16 rows x 512 columns
+    per step, 4 warps; 8 rows for the down projection, whose 4096 rows give fewer tiles)."""
+    return dict(gate_up=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4), down=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4))
+
+
+def _rows_ok(x: torch.Tensor, T: int, w: "NF4Experts") -> bool:
+    """The row kernels' default tiles fit: 16-bit activations, K of both projections % BLOCK_K == 0."""
+    c = rows_config(T)
+    return (0 < T <= ROWS_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16)
+            and w.hidden % c["gate_up"]["BLOCK_K"] == 0 and w.intermediate % c["down"]["BLOCK_K"] == 0)
+
+
+def moe_decode_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: "NF4Experts",
+                    config: dict | None = None) -> torch.Tensor:
+    """moe_decode for T <= 4 tokens through the row kernels: out (T, C) in x.dtype."""
+    _check(x, experts, w, "moe_decode_rows")
+    T, C = x.shape
+    top_k = experts.shape[-1]
+    P, I, E = experts.numel(), w.intermediate, w.num_experts
+    if C != w.hidden or not 0 < T <= ROWS_MAX_TOKENS or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"moe_decode_rows: x {tuple(x.shape)} must hold 1..{ROWS_MAX_TOKENS} tokens of {w.hidden} "
+                         f"features in fp16/bf16 (got {x.dtype})")
+    config = config or {}
+    ca = dict(rows_config(T)["gate_up"], **(config.get("gate_up") or {}))
+    cb = dict(rows_config(T)["down"], **(config.get("down") or {}))
+    x = x.contiguous()
+    ids = experts.reshape(-1).contiguous()
+    pairs = w.w1[0].tensors()[5]
+    gu = torch.empty((P, 2 * I), dtype=torch.float32, device=x.device)
+    _moe_gate_up_rows_kernel[(E, 2 * triton.cdiv(I, ca["BLOCK_N"]))](
+        x, ids, w.table13, pairs, gu, P, E, x.stride(0), I=I, C=C, TOP_K=top_k, MAX_ROWS=min(T, 4),
+        BLOCK_P=max(2, triton.next_power_of_2(P)), BLOCK_N=ca["BLOCK_N"], BLOCK_K=ca["BLOCK_K"],
+        PACKED_ALIGNED=w.packed_aligned, num_warps=ca["num_warps"], num_stages=1)
+    y = torch.empty((1, P, C), dtype=torch.float32, device=x.device)
+    _moe_down_rows_kernel[(E, triton.cdiv(C, cb["BLOCK_N"]))](
+        gu, ids, weights.reshape(-1).contiguous(), w.table2, pairs, y, P, E, I=I, C=C, MAX_ROWS=min(T, 4),
+        BLOCK_P=max(2, triton.next_power_of_2(P)), BLOCK_N=cb["BLOCK_N"], BLOCK_K=cb["BLOCK_K"],
+        PACKED_ALIGNED=w.packed_aligned, DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
+        num_warps=cb["num_warps"], num_stages=1)
+    return moe_combine(y, top_k, x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -426,9 +647,14 @@ def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w:
 
     x (T, C) in the compute dtype; weights (T, top_k) routing weights; experts (T, top_k) ids.
     Two launches and one reduction, static shapes, no host sync (CUDA-graph safe).
-    config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`.
+    config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`, or with
+    "kernels": "rows" of `rows_config` (the row kernels); by default T <= ROWS_MAX_TOKENS tokens
+    take the row kernels when their tiles fit, more tokens the two MMA kernels.
     """
     config = config or {}
+    kernels = config.get("kernels")
+    if kernels == "rows" or (kernels is None and not config and _rows_ok(x, x.shape[0], w)):
+        return moe_decode_rows(x, weights, experts, w, config)
     h = moe_gate_up(x, experts, w, config.get("gate_up"))
     y = moe_down(h, experts, weights, w, config.get("down"))
     return moe_combine(y, experts.shape[-1], x.dtype)

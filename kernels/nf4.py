@@ -618,6 +618,12 @@ def _load_words(w_rows, k0, k_hi, offs_w, n_mask, row_words, EVEN_N: tl.constexp
 def _group_dots(vals, x_ptr, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BN, BK // 64): each 64-element group's sum of vals * x, for one token's x."""
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
+    return nf4_group_dots(vals, x, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def nf4_group_dots(vals, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK // 64): each 64-element group's sum of vals (BN, BK) * x (BK,) (fp32)."""
     return tl.sum(tl.reshape(vals * x[None, :], (BLOCK_N, BLOCK_K // 64, 64)), axis=2)
 
 

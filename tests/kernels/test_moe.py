@@ -251,3 +251,43 @@ def test_kernels_compile_for_sm90_without_spills():
     assert len(lines) == 6
     for line in lines:
         assert line[4] == "0" and line[6] == "0", f"register spill: {' '.join(line)}"
+
+
+# The row kernels (T <= 4 tokens, CUDA cores): every pair count per expert 1..4 takes its own
+# branch; 16-bit activations only (the loop rounds h to x.dtype like the two-kernel path).
+ROW_ROUTINGS = [(1, 1, None), (1, 2, None), (2, 2, [1, 3]), (3, 2, [0, 2]), (4, 2, [1, 2]), (4, 3, None)]
+
+
+@pytest.mark.parametrize("T,k,pool", ROW_ROUTINGS)
+@pytest.mark.parametrize("block_n,block_k", [(16, 64), (8, 128)])
+def test_row_kernels_match_reference(T, k, pool, block_n, block_k):
+    C, I = 128, 256  # both multiples of BLOCK_K; I / BLOCK_N tiles of w1, then of w3
+    w = _experts(C, I, seed=5)
+    ids, wt = _routing(T, k, seed=T + k, experts=pool)
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(9)).to(DEV, torch.float16)
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    got = K.moe_decode(x, wt.half(), ids, w, {"kernels": "rows", "gate_up": cfg, "down": cfg})
+    want = K.moe_decode_reference(x, wt.half(), ids, w)
+    assert got.dtype == x.dtype and got.shape == (T, C)
+    assert _rel_err(got, want) < TOL[torch.float16]
+
+
+def test_row_kernels_are_the_default_for_few_tokens(monkeypatch):
+    """Up to ROWS_MAX_TOKENS 16-bit tokens take the row kernels when the default tiles fit K;
+    more tokens, fp32, or a K the tiles do not divide take the two MMA kernels."""
+    calls, rows = [], K.moe_decode_rows
+    monkeypatch.setattr(K, "moe_decode_rows", lambda *a, **kw: calls.append("rows") or a[0])
+    monkeypatch.setattr(K, "moe_gate_up", lambda *a, **kw: calls.append("mma") or a[0])
+    monkeypatch.setattr(K, "moe_down", lambda h, ids, wt, w, c=None: torch.zeros(1, ids.numel(), w.hidden, device=DEV))
+    w = _experts(512, 512)
+    for T, dtype, want in [(1, torch.float16, "rows"), (4, torch.float16, "rows"), (5, torch.float16, "mma"),
+                           (2, torch.float32, "mma")]:
+        ids, wt = _routing(T, 2)
+        K.moe_decode(torch.zeros(T, 512, dtype=dtype, device=DEV), wt, ids, w)
+        assert calls.pop() == want, (T, dtype)
+    w = _experts(128, 256)  # K = 128 is not a multiple of the default 512-column step
+    ids, wt = _routing(2, 2)
+    K.moe_decode(torch.zeros(2, 128, dtype=torch.float16, device=DEV), wt, ids, w)
+    assert calls.pop() == "mma"
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        rows(torch.zeros(2, 128, device=DEV), wt, ids, w)
