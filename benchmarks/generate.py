@@ -11,6 +11,7 @@ Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer p
 """
 import argparse
 import json
+import os
 import torch
 
 from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
@@ -57,6 +58,9 @@ def main():
     res["L32_decode_step_ms_extrapolated"] = res["L2"]["decode_step_ms"] + 30 * per
     rows = [("ours, 32 layers measured", res[f"L{a.layers}"]["decode_step_ms"], res[f"L{a.layers}"]["e2e_ms"]),
             ("ours, extrapolated from 2/4 layers", res["L32_decode_step_ms_extrapolated"], None)]
+    if a.peer and not os.path.exists(a.peer):
+        print(f"no peer results at {a.peer} (did benchmarks/peer_seed_stack.py finish?); ours only")
+        a.peer = None
     if a.peer:
         peer = json.load(open(a.peer))
         res["peer"] = peer

@@ -1,10 +1,19 @@
-"""Fused LoRA linear layers in Triton: y = base(x) + scale * (dropout(x) A^T) B^T, the base frozen.
+"""LoRA linear layers on CUDA: y = base(x) + scale * (dropout(x) A^T) B^T, the base frozen.
 
-The base is a dense weight W (N, K) (bf16/fp16/fp32, an `nn.Linear`) or an NF4 weight dequantized
-tile by tile in registers (`kernels.nf4.nf4_dequant_tile`); W is never materialized. A (r, K) and
-B (N, r) are the trainable adapter (fp32 masters); their gradients come back in fp32.
+Two paths (`lora_forward(backend=...)`):
+  "cublas"  the GEMM path (the default on CUDA, `_GemmLoRAFunction`): the base GEMMs on cuBLAS
+            over a transient dense copy of W (NF4 dequantized by kernels.nf4), the adapter in x's
+            dtype through two small Triton passes over x (`_adapter_down_kernel`,
+            `_adapter_dx_kernel`: dropout mask hashed in both, never stored) and cuBLAS beta=1
+            epilogues that add its share into Y and dX without another pass over them.
+  "triton"  the fused kernels below: the adapter inside a Triton NF4 GEMM's epilogue.
 
-Kernels (one to three projections that share the input x: q, k and v read x in one launch):
+The base is a dense weight W (N, K) (bf16/fp16/fp32, an `nn.Linear`) or an NF4 weight (in the fused
+kernels dequantized tile by tile in registers, `kernels.nf4.nf4_dequant_tile`: W is never
+materialized). A (r, K) and B (N, r) are the trainable adapter (fp32 masters); their gradients come
+back in fp32 on both paths.
+
+Fused kernels (one to three projections that share the input x: q, k and v read x in one launch):
 
   _lora_down_kernel  xa (M, S*r) = scale_s * dropout_s(x) A_s^T         one pass over x
   _lora_fwd_kernel   y_s = x W_s^T + xa_s B_s^T (+ bias): the base GEMM adds the low-rank product in
@@ -24,9 +33,9 @@ torch's generator on x's device (torch.manual_seed and activation checkpointing 
 
 Entry points: `lora_linear(x, layer)` (what models/lora.py's LoRALinear calls on CUDA),
 `lora_qkv(x, q, k, v)` (three LoRALinear layers over one x), and the functional
-`lora_forward(x, bases, As, Bs, scales, p, ...)`. CUDA tensors take Triton, CPU tensors the
-PyTorch reference (`lora_reference`); backend="triton" forces the kernels (tests run them on CPU
-through TRITON_INTERPRET=1).
+`lora_forward(x, bases, As, Bs, scales, p, ...)`. CUDA tensors take CUDA_BACKEND ("cublas"), CPU
+tensors the PyTorch reference (`lora_reference`); an explicit backend runs anywhere (tests run the
+Triton kernels on CPU through TRITON_INTERPRET=1, and torch.mm stands in for cuBLAS there).
 """
 from __future__ import annotations
 
@@ -37,10 +46,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4 import NF4Tensor, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
+from kernels.nf4 import GEMV_ROWS, NF4Tensor, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
 
 MAX_SEGMENTS = 3
-SMALL_M = 16  # at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter path
+SMALL_M = GEMV_ROWS  # backend None: at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter
 _MASK32 = 0xFFFFFFFF
 _KEEP_BITS = 24  # the mask compares the hash's top 24 bits with round(p * 2^24)
 
@@ -255,11 +264,16 @@ def _lora_fwd_kernel(
 def _lora_dy_kernel(
     dy0, dy1, dy2, b_ptr, xa_ptr, g_ptr, db_ptr, M, N0, N1, N2, R, rows_per_prog, sc0, sc1, sc2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NSEG: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, NATIVE: tl.constexpr = False,
 ):
     # Program (n-tile over all segments, row range): one read of its dY tiles gives both
     #   g[m, seg] += scale * dY[m, n-tile] B[n-tile]      (reduced over n-tiles: atomics)
     #   dB[n-tile] += dY[rows, n-tile]^T xa[rows, seg]    (reduced over row ranges: atomics)
+    # NATIVE: the MMAs take dY's own dtype (B and xa cast to it), else fp32 operands (tf32).
+    if NATIVE:
+        op_dtype: tl.constexpr = dy0.dtype.element_ty
+    else:
+        op_dtype: tl.constexpr = tl.float32
     seg, tile, n_base = _segment(tl.program_id(0), N0, N1, BLOCK_N)
     N = tl.where(seg == 0, N0, tl.where(seg == 1, N1, N2))
     scale = tl.where(seg == 0, sc0, tl.where(seg == 1, sc1, sc2))
@@ -269,16 +283,16 @@ def _lora_dy_kernel(
     n_mask = offs_n < N
     r_mask = offs_r < R
     b = tl.load(b_ptr + (n_base + offs_n).to(tl.int64)[:, None] * R + offs_r[None, :],
-                mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # (BN, BR)
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(op_dtype)  # (BN, BR)
     db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     m_lo = tl.program_id(1) * rows_per_prog
     for m_start in range(m_lo, tl.minimum(m_lo + rows_per_prog, M), BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (BM, BN)
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(op_dtype)  # (BM, BN)
         xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :],
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BM, BR)
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(op_dtype)  # (BM, BR)
         g = tl.dot(dy, b, input_precision=PRECISION) * scale  # (BM, BR)
         tl.atomic_add(g_ptr + offs_m.to(tl.int64)[:, None] * (NSEG * R) + seg * R + offs_r[None, :], g,
                       mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
@@ -378,6 +392,91 @@ def _lora_da_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# The GEMM path's adapter kernels (one projection; the base GEMMs are cuBLAS, see _GemmLoRAFunction)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adapter_down_kernel(
+    x_ptr, a_ptr, keys_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, keep_thr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (row tile, K split): xa[rows] (+)= scale * (keep * x[rows, split]) A[:, split]^T.
+    # x keeps its dtype (16-bit MMAs, fp32 accumulation); A (fp32 master) is cast to it in
+    # registers. The mask only selects elements; 1/(1-p) is folded into `scale`.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_rows = a_ptr + offs_r.to(tl.int64)[:, None] * K
+    if DROPOUT:
+        row_keys = _row_keys(keys_ptr, 0, offs_m)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_lo = tl.program_id(1) * k_per_split
+    for k_start in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        if DROPOUT:
+            x = tl.where(_keep(row_keys, offs_k, keep_thr), x, tl.zeros_like(x))
+        a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(a.to(x.dtype)), acc=acc, input_precision=PRECISION)  # (BM, BR)
+    out = xa_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
+    else:
+        tl.store(out, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _adapter_dx_kernel(
+    x_ptr, g_ptr, a_ptr, keys_ptr, t_ptr, da_ptr, M, K, R, stride_xm, rows_per_prog, g_scale, keep_thr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
+    NEED_DX: tl.constexpr, ACCUM: tl.constexpr, NEED_DA: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (k-tile, row range); per row tile, with the mask hashed once for both:
+    #   T[rows, k-tile] (+)= g_scale * keep * (g[rows] A[:, k-tile])   the adapter's share of dX
+    #   dA[:, k-tile]    += g_scale * g[rows]^T (keep * x[rows, k-tile]) in registers, one atomic
+    #                                                                    add per program at the end
+    # g (M, R) any dtype (cast to x's); A fp32 (cast to x's dtype); T (M, K) in x's dtype.
+    dtype = x_ptr.dtype.element_ty
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_mask = offs_k < K
+    r_mask = offs_r < R
+    a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :],
+                mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (BR, BK)
+    da = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    m_lo = tl.program_id(1) * rows_per_prog
+    for m_start in range(m_lo, tl.minimum(m_lo + rows_per_prog, M), BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        mk_mask = m_mask[:, None] & k_mask[None, :]
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, BR)
+        if DROPOUT:
+            keep = _keep(_row_keys(keys_ptr, 0, offs_m), offs_k, keep_thr)  # (BM, BK)
+        if NEED_DX:
+            t = tl.dot(g, a, input_precision=PRECISION) * g_scale  # (BM, BK) fp32
+            if DROPOUT:
+                t = tl.where(keep, t, 0.0)
+            t_tile = t_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+            if ACCUM:
+                t += tl.load(t_tile, mask=mk_mask, other=0.0).to(tl.float32)
+            tl.store(t_tile, t.to(t_ptr.dtype.element_ty), mask=mk_mask)
+        if NEED_DA:
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=mk_mask, other=0.0)
+            if DROPOUT:
+                x = tl.where(keep, x, tl.zeros_like(x))
+            da = tl.dot(tl.trans(x), g, acc=da, input_precision=PRECISION)  # (BK, BR)
+    if NEED_DA:
+        out = da_ptr + offs_r.to(tl.int64)[None, :] * K + offs_k[:, None]  # dA (R, K) fp32
+        tl.atomic_add(out, da * g_scale, mask=k_mask[:, None] & r_mask[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side: the frozen bases, launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -414,6 +513,11 @@ class Base:
             y = nf4_matmul(x, self.weight, backend)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as a dense (N, K) tensor in `dtype`: NF4 dequantized into a new tensor (Triton on
+        CUDA), a dense weight cast (no copy when it already has that dtype)."""
+        return self.weight.dequantize(dtype) if self.is_nf4 else self.weight.to(dtype)
 
     def kernel_args(self) -> tuple:
         """(w, absmax, absmax2, code2, offset, qmap) pointers; a dense weight fills all six."""
@@ -504,7 +608,7 @@ def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
     return ys
 
 
-def _launch_dy(dys, b_cat, xa, scales, r, config=None):
+def _launch_dy(dys, b_cat, xa, scales, r, config=None, native=False):
     M = xa.shape[0]
     S = len(dys)
     Ns = [dy.shape[1] for dy in dys]
@@ -518,7 +622,7 @@ def _launch_dy(dys, b_cat, xa, scales, r, config=None):
     _lora_dy_kernel[(num_n, triton.cdiv(M, rows))](
         *_pad3(list(dys)), b_cat, xa, g, db, M, N3[0], N3[1], N3[2], r, rows, sc[0], sc[1], sc[2],
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_R=_block_r(r), NSEG=S,
-        PRECISION=_precision(dys[0].dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
+        PRECISION=_precision(dys[0].dtype), NATIVE=native, num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return g, db
 
@@ -558,6 +662,261 @@ def _launch_da(x2, g, keys, p, r, S, config=None):
         PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return da
+
+
+ADAPTER_DOWN_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3)
+ADAPTER_DX_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _inv_keep(p: float) -> float:
+    return 1.0 / (1.0 - p)
+
+
+def _launch_adapter_down(x2, a, keys, p, scale, config=None):
+    """xa (M, r) in x2's dtype = scale * (keep * x2) A^T (the caller folds 1/(1-p) into scale)."""
+    M, K = x2.shape
+    r = a.shape[0]
+    c = dict(ADAPTER_DOWN_CONFIG, **(config or {}))
+    split = max(1, min(c["SPLIT_K"], triton.cdiv(K, c["BLOCK_K"])))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
+    atomic = split > 1
+    xa = (torch.zeros if atomic else torch.empty)((M, r), dtype=torch.float32 if atomic else x2.dtype,
+                                                  device=x2.device)
+    _adapter_down_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, k_per_split))](
+        x2, a, keys, xa, M, K, r, x2.stride(0), k_per_split, float(scale), keep_threshold(p),
+        BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, ATOMIC=atomic,
+        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return xa.to(x2.dtype)
+
+
+def _launch_adapter_dx(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=True, config=None):
+    """T (+)= g_scale * keep * (g A) into t (M, K) when t is given; returns dA (r, K) fp32 =
+    g_scale * g^T (keep * x2) when need_da (else None). One pass over x2 and t."""
+    M, K = x2.shape
+    r = a.shape[0]
+    c = dict(ADAPTER_DX_CONFIG, **(config or {}))
+    da = torch.zeros((r, K), dtype=torch.float32, device=x2.device) if need_da else None
+    k_tiles = triton.cdiv(K, c["BLOCK_K"])
+    rows = _rows_per_prog(M, k_tiles, c["BLOCK_M"], x2.device)
+    _adapter_dx_kernel[(k_tiles, triton.cdiv(M, rows))](
+        x2, g.contiguous(), a, keys, x2 if t is None else t, x2 if da is None else da, M, K, r, x2.stride(0), rows,
+        float(g_scale), keep_threshold(p),
+        BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, NEED_DX=t is not None,
+        ACCUM=accum, NEED_DA=need_da, PRECISION=_precision(x2.dtype),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return da
+
+
+def _adapter_down_torch(x2, a, keys, p, scale):
+    """`_launch_adapter_down` in PyTorch (fp32 math on the same 16-bit operands, the hash mask)."""
+    xk = x2
+    if p > 0:
+        xk = torch.where(dropout_keep_reference(keys[0], *x2.shape, p), x2, torch.zeros((), dtype=x2.dtype))
+    return ((xk.float() @ a.to(x2.dtype).float().t()) * scale).to(x2.dtype)
+
+
+def _adapter_dx_torch(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=True):
+    """`_launch_adapter_dx` in PyTorch."""
+    dtype = x2.dtype
+    keep = dropout_keep_reference(keys[0], *x2.shape, p) if p > 0 else None
+    gf = g.to(dtype).float()
+    if t is not None:
+        term = (gf @ a.to(dtype).float()) * g_scale
+        if keep is not None:
+            term = torch.where(keep, term, 0.0)
+        t.copy_(term + t.float() if accum else term)
+    if not need_da:
+        return None
+    xk = x2.float() if keep is None else torch.where(keep, x2.float(), 0.0)
+    return (gf.t() @ xk) * g_scale
+
+
+_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=float32) works there
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: 16-bit cuBLAS with fp32 output where torch offers it (mm.dtype),
+    else the product in fp32 (CPU) or a cast of the 16-bit product (older torch on CUDA)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    if _MM_OUT_DTYPE.get("cuda", True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE["cuda"] = True
+            return out
+        except Exception:  # noqa: BLE001  (no mm.dtype in this torch, or not for these operands)
+            _MM_OUT_DTYPE["cuda"] = False
+    return (a @ b).float()
+
+
+@dataclass(frozen=True)
+class GemmOptions:
+    """Variants of the GEMM path (`backend="cublas"`); benchmarks/lora.py times each.
+
+    adapter        "triton" (the two adapter kernels above), "torch" (the same math in PyTorch,
+                   the hash mask from `dropout_keep_reference`: slow on a GPU, for tests), None
+                   (Triton on CUDA, "torch" elsewhere), or "torch_mask": PyTorch ops and cuBLAS
+                   only (no Triton launch: the host cost of each Triton launch is the point), the
+                   dropout mask drawn by torch (bernoulli_) and kept as bool, M x K bytes per
+                   layer, until the backward; about twice the adapter's HBM traffic of "triton".
+    dy             "cublas": g = dY B and dB = dY^T xa as two cuBLAS matmuls (dY read twice);
+                   "triton": both from one pass over dY (`_lora_dy_kernel`, 16-bit MMAs, atomics).
+    adapter_first  forward: Y = xa B^T (+ bias) first, then the base GEMM accumulates into it
+                   (cuBLAS beta = 1); backward: the adapter kernel writes its dX share T first and
+                   the dX GEMM accumulates into T. False: base GEMM first, then Y += xa B^T (one
+                   more pass over Y) and dX += T (the adapter kernel reads and rewrites dX).
+    save_weight    True: keep the forward's dequantized W for the backward (one dequant per step
+                   instead of two) for N x K x 2 bytes per layer held until its backward (under
+                   activation checkpointing only from the recomputed forward to that layer's
+                   backward; without it 2.7 GB for all of Mixtral's q/k/v/o, still less than the
+                   plain path's fp32 copies of x). False: dequantize again in the backward. None
+                   (default): keep W when it has no more elements than x (attention projections
+                   at training sizes; not a 14336 x 4096 expert over a few hundred tokens).
+    """
+
+    adapter: str | None = None
+    dy: str = "cublas"
+    adapter_first: bool = True
+    save_weight: bool | None = None
+
+
+GEMM_OPTIONS = GemmOptions()  # the default variant (change it, or pass options=, to pick another)
+
+
+@dataclass
+class _GemmSpec:
+    base: "Base"
+    scale: float
+    p: float
+    keys: torch.Tensor  # (1, 2) int32
+    options: GemmOptions
+
+
+ADAPTERS = (None, "triton", "torch", "torch_mask")
+
+
+def _adapter_impl(opt: GemmOptions, t: torch.Tensor) -> str:
+    if opt.adapter not in ADAPTERS:
+        raise ValueError(f"GemmOptions.adapter must be one of {ADAPTERS}, got {opt.adapter!r}")
+    return opt.adapter or ("triton" if t.is_cuda else "torch")
+
+
+class _GemmLoRAFunction(torch.autograd.Function):
+    """y = x W^T + bias + scale * dropout(x) A^T B^T for one projection, its GEMMs on cuBLAS.
+
+    Numerics are QLoRA's under bf16 autocast: the adapter runs in x's dtype (the fp32 master A
+    and B cast once per call; 16-bit MMAs with fp32 accumulation), its output is rounded to x's
+    dtype once (xa, (M, r)), and dA / dB come back in fp32 (fp32 accumulators, never rounded to
+    16 bits). In fp32 everything is fp32.
+
+    Forward: W dequantized to a dense copy (NF4) -> xa = scale/(1-p) (keep*x) A^T (one Triton pass
+    over x, the mask hashed, never stored) -> Y = xa B^T (+ bias) -> Y += x W^T (cuBLAS with
+    beta = 1: the adapter's share rides in the base GEMM's epilogue). Saved: x, xa (M, r), B in
+    x's dtype, the dropout keys, and W (see save_weight; else it is dequantized again).
+    Backward: g = dY B (M, r), dB = dY^T xa (fp32) -> one Triton pass over x writes
+    T = scale/(1-p) keep * (g A) and accumulates dA = scale/(1-p) g^T (keep*x) -> dX = T + dY W
+    (cuBLAS, beta = 1). GemmOptions names the variants.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, a, b, spec: _GemmSpec):
+        opt = spec.options
+        dtype = x2.dtype
+        impl = _adapter_impl(opt, x2)
+        w = spec.base.dense(dtype)  # (N, K)
+        down_scale = spec.scale * _inv_keep(spec.p)
+        keep = None
+        if impl == "triton":
+            xa = _launch_adapter_down(x2, a.contiguous(), spec.keys, spec.p, down_scale)  # (M, r)
+        elif impl == "torch":
+            xa = _adapter_down_torch(x2, a, spec.keys, spec.p, down_scale)
+        else:  # torch_mask: torch's own dropout, its mask kept (M x K bytes) for the backward
+            xk = x2
+            if spec.p > 0:
+                keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - spec.p)
+                xk = x2 * keep
+            xa = torch.mm(xk, (a * down_scale).to(dtype).t())
+        b_c = b.to(dtype)  # (N, r)
+        b_t = b_c.t()
+        bias = None if spec.base.bias is None else spec.base.bias.to(dtype)
+        if opt.adapter_first:
+            y = torch.mm(xa, b_t) if bias is None else torch.addmm(bias, xa, b_t)
+            y.addmm_(x2, w.t())
+        else:
+            y = F.linear(x2, w, bias)
+            y.addmm_(xa, b_t)
+        ctx.spec = spec
+        save_w = opt.save_weight
+        if save_w is None:  # free for a dense base already in x's dtype (w is the weight itself)
+            save_w = w.numel() <= x2.numel() or w is spec.base.weight
+        ctx.save_for_backward(x2, xa, a, b, b_c, w if save_w else None, keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, a, b, b_c, w, keep = ctx.saved_tensors
+        spec = ctx.spec
+        opt = spec.options
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dy = dy.contiguous()
+        dtype = x2.dtype
+        impl = _adapter_impl(opt, x2)
+        g = db = None
+        if opt.dy == "triton":  # g (fp32) and dB from one pass over dY
+            g, db = _launch_dy([dy], b.contiguous(), xa, [1.0], a.shape[0], native=True)
+        elif opt.dy == "cublas":
+            if need_x or need_a:
+                g = torch.mm(dy, b_c)  # (M, r)
+            if need_b:
+                db = _mm_f32(dy.t(), xa)  # (N, r) fp32
+        else:
+            raise ValueError(f"GemmOptions.dy must be 'cublas' or 'triton', got {opt.dy!r}")
+        g_scale = spec.scale * _inv_keep(spec.p)
+        if impl == "torch_mask":
+            adapter_dx = _adapter_dx_mask
+            a_arg = keep  # the stored mask instead of the keys
+        else:
+            adapter_dx = _launch_adapter_dx if impl == "triton" else _adapter_dx_torch
+            a_arg = spec.keys
+        dx = da = None
+        if need_x:
+            if w is None:
+                w = spec.base.dense(dtype)
+            if opt.adapter_first:
+                dx = torch.empty_like(x2)
+                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx, False, need_a)
+                dx.addmm_(dy, w)
+            else:
+                dx = torch.mm(dy, w)
+                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx, True, need_a)
+        elif need_a:
+            da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, None, False, True)
+        return (dx, da.to(a.dtype) if need_a else None, db.to(b.dtype) if need_b else None, None)
+
+
+def _adapter_dx_mask(x2, g, a, keep, p, g_scale, t=None, accum=False, need_da=True):
+    """`_launch_adapter_dx` in PyTorch ops with a stored bool mask `keep` (None: no dropout)."""
+    gs = (g * g_scale).to(x2.dtype)  # (M, r)
+    if t is not None:
+        term = torch.mm(gs, a.to(x2.dtype)) if accum else torch.mm(gs, a.to(x2.dtype), out=t)  # (M, K)
+        if keep is not None:
+            term.mul_(keep)
+        if accum:
+            t.add_(term)
+    if not need_da:
+        return None
+    return _mm_f32(gs.t(), x2 if keep is None else x2 * keep)
+
+
+def lora_gemm(x2: torch.Tensor, base: "Base", a: torch.Tensor, b: torch.Tensor, scale: float, p: float,
+              keys: torch.Tensor, options: GemmOptions | None = None) -> torch.Tensor:
+    """The GEMM path for one projection: x2 (M, K) contiguous in the compute dtype -> (M, N)."""
+    spec = _GemmSpec(base, float(scale), float(p), keys.reshape(-1, 2)[:1], options or GEMM_OPTIONS)
+    return _GemmLoRAFunction.apply(x2, a, b, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,19 +998,30 @@ def lora_reference(x: torch.Tensor, bases: list, As: list, Bs: list, scales: lis
     return ys
 
 
-def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
-    return backend == "triton" or (backend is None and x.is_cuda)
+BACKENDS = ("cublas", "triton", "reference")
+CUDA_BACKEND = "cublas"  # what backend=None runs on CUDA tensors (CPU tensors: "reference")
+
+
+def _resolve_backend(x: torch.Tensor, backend: str | None) -> str:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend or (CUDA_BACKEND if x.is_cuda else "reference")
 
 
 def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list, p: float = 0.0,
-                 keys: torch.Tensor | None = None, backend: str | None = None) -> list[torch.Tensor]:
+                 keys: torch.Tensor | None = None, backend: str | None = None,
+                 options: GemmOptions | None = None) -> list[torch.Tensor]:
     """[base_s(x) + scale_s * (dropout_s(x) A_s^T) B_s^T] for 1 to 3 projections sharing x.
 
     x (..., K); bases: `Base` list (all NF4 or all dense); As (r, K), Bs (N_s, r), one rank r.
     p: dropout probability (0 in eval); keys: (S, 2) int32 dropout keys, drawn when None.
     Outputs are (..., N_s) in x's dtype; the kernels run in the bases' compute dtype.
+
+    backend: "cublas" (the GEMM path, `_GemmLoRAFunction`: one projection at a time, variant
+    `options` or GEMM_OPTIONS), "triton" (the fused kernels, `_LoRAFunction`: all projections in
+    one launch per step), "reference" (`lora_reference`), or None: CUDA_BACKEND on CUDA tensors,
+    except that at most SMALL_M rows (decoding) take the reference with the NF4 GEMV for the base;
+    "reference" on CPU tensors. Explicit backends run on CPU too (Triton through the interpreter).
     """
     S = len(bases)
     if not 1 <= S <= MAX_SEGMENTS or not len(As) == len(Bs) == len(scales) == S:
@@ -664,18 +1034,23 @@ def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list,
                              f"A {tuple(a.shape)}, B {tuple(b.shape)}: shapes disagree (one rank for all)")
     if len({b.is_nf4 for b in bases}) > 1:
         raise ValueError("lora_forward: the projections must all be NF4 or all dense")
+    path = _resolve_backend(x, backend)
     dtype = bases[0].dtype_for(x)
     xc = x.to(dtype)
     if p > 0 and keys is None:
         keys = new_dropout_keys(S, x.device)
     if keys is None:
         keys = torch.zeros((S, 2), dtype=torch.int32, device=x.device)
-    if not _use_triton(x, backend) or x.numel() == 0:
+    if path == "reference" or x.numel() == 0:
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys)
     elif backend is None and x.numel() // K <= SMALL_M:
         # Decoding: a few rows. The NF4 GEMV reads W faster than a GEMM tile can; the adapter's two
         # skinny matmuls are negligible there.
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys, base_backend=None)
+    elif path == "cublas":
+        x2 = xc.reshape(-1, K).contiguous()
+        ys = [lora_gemm(x2, base, a, b, scale, p, keys[s:s + 1], options).reshape(*x.shape[:-1], base.out_features)
+              for s, (base, a, b, scale) in enumerate(zip(bases, As, Bs, scales))]
     else:
         x2 = xc.reshape(-1, K).contiguous()
         spec = _Spec(list(bases), [float(s) for s in scales], float(p), keys, r)
@@ -690,19 +1065,21 @@ def _layer_args(layer):
     return base_of(layer.base), layer.lora_A.weight, layer.lora_B.weight, layer.scale, p
 
 
-def lora_linear(x: torch.Tensor, layer, backend: str | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
-    """y = layer(x) for a LoRALinear `layer` (base nn.Linear or NF4Linear), x (..., K), fused.
+def lora_linear(x: torch.Tensor, layer, backend: str | None = None, keys: torch.Tensor | None = None,
+                options: GemmOptions | None = None) -> torch.Tensor:
+    """y = layer(x) for a LoRALinear `layer` (base nn.Linear or NF4Linear), x (..., K).
 
     Dropout applies in training mode (layer.training); its mask comes from `keys` (1, 2) or fresh
-    keys. The entry point LoRALinear's forward calls on CUDA tensors.
+    keys. The entry point LoRALinear's forward calls on CUDA tensors (backend: see lora_forward).
     """
     base, a, b, scale, p = _layer_args(layer)
-    return lora_forward(x, [base], [a], [b], [scale], p, keys, backend)[0]
+    return lora_forward(x, [base], [a], [b], [scale], p, keys, backend, options)[0]
 
 
 def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer, backend: str | None = None,
              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q_layer(x), k_layer(x), v_layer(x)) in one fused launch per step, x read once.
+    """(q_layer(x), k_layer(x), v_layer(x)); with backend "triton", one fused launch per step
+    that reads x once (the "cublas" backend runs the three projections one after the other).
 
     Each projection keeps its own dropout mask (keys (3, 2)). Layers that cannot share a launch
     (merged, different ranks or dropout, NF4 mixed with dense) run one by one.

@@ -7,8 +7,15 @@ where PEFT puts them, so an adapter state dict maps to PEFT keys by prefixing
 matches a module whose name equals it or ends in "." + target ("q_proj", "w1",
 "self_attn.o_proj"); the MoE router (`gate`) and `lm_head` are never wrapped.
 
-Forward: on CUDA the fused Triton kernels (`kernels.lora.lora_linear`); elsewhere PyTorch, computed
-as PEFT computes it (x cast to the adapter's dtype, the sum cast back), so CPU outputs match PEFT's.
+Forward, by `CUDA_PATH` on CUDA tensors (or a layer's own `backend` attribute, on any device):
+  "cublas"  (default) `kernels.lora.lora_linear(backend="cublas")`: the base GEMMs on cuBLAS over a
+            transient dequantized W, the adapter in x's dtype (QLoRA's bf16-autocast numerics: the
+            fp32 A and B cast once per call, fp32 accumulation, dA/dB in fp32) through two small
+            Triton passes over x (dropout mask hashed, never stored) and cuBLAS beta=1 epilogues.
+  "fused"   the fused Triton kernels (`backend="triton"`: the adapter in the NF4 GEMM's epilogue).
+  "plain"   PyTorch, computed as PEFT computes it (x cast to the adapter's fp32, the sum cast
+            back), so outputs match PEFT's; what CPU tensors always run, and CUDA tensors with at
+            most SMALL_ROWS rows (decoding: the NF4 GEMV reads W once; the adapter is negligible).
 
 Merging: `merge()` adds scale * B A into a floating-point base weight and `unmerge()` subtracts
 it again (exact up to one rounding of the base dtype). An NF4 base cannot absorb the update
@@ -34,6 +41,8 @@ NEVER_TARGET = ("gate", "lm_head")  # the MoE router and the output head stay fr
 
 
 class LoRALinear(nn.Module):
+    backend: str | None = None  # the forward path: None = CUDA_PATH on CUDA tensors, "plain" elsewhere
+
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if r <= 0:
@@ -68,9 +77,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        fused = _fused_forward(self, x)
-        if fused is not None:
-            return fused
+        path = _path(self, x)
+        if path != "plain":
+            from kernels.lora import lora_linear
+
+            return lora_linear(x, self, backend=_KERNEL_BACKEND[path])
         y = self.base(x)
         a, b = self.lora_A.weight, self.lora_B.weight
         xa = x.to(a.dtype)
@@ -117,32 +128,40 @@ def _weight_like(base: nn.Module) -> torch.Tensor:
     return next(base.parameters())
 
 
-# The fused Triton LoRA kernels (kernels/lora.py) put the adapter in the epilogue of the fused NF4
-# GEMM. On the H100 (triton 3.6) that fused NF4 GEMM measured far slower than dequantizing the
-# weight once and calling cuBLAS (benchmarks/RESULTS.md), so the default CUDA path is the plain
-# one below: the base through nf4_matmul (dequant + cuBLAS at training sizes) and the adapter as
-# two thin matmuls. Set USE_FUSED_KERNELS = True to run the fused kernels instead.
-USE_FUSED_KERNELS = False
+# The path LoRALinear takes on CUDA tensors (benchmarks/lora.py times all three against the peer,
+# bitsandbytes + PEFT, and the frozen bf16 base; benchmarks/NOTES.md, LoRA section):
+#   "cublas"  base GEMMs on cuBLAS over a dequantized W, adapter in bf16 with small Triton passes
+#   "fused"   the fused Triton kernels (the NF4 GEMM dequantizing in registers, adapter in its
+#             epilogue): 1.67 ms for q/o on the H100 vs 1.74 ms plain; its GEMMs lag cuBLAS
+#   "plain"   the base through nf4_matmul, the adapter in fp32 PyTorch (PEFT's numerics); was the
+#             default until the cublas path (1.74 ms q/o, ~1 ms of it fp32 adapter passes)
+CUDA_PATH = "cublas"
+PATHS = ("cublas", "fused", "plain")
+_KERNEL_BACKEND = {"cublas": "cublas", "fused": "triton"}
+SMALL_ROWS = 64  # at most this many rows on CUDA (decoding) take "plain" (= kernels.nf4.GEMV_ROWS)
 
 
-def _fused_forward(layer: LoRALinear, x: torch.Tensor):
-    """The fused Triton LoRA path on CUDA, when enabled and kernels.lora provides it; else None."""
-    if not (x.is_cuda and USE_FUSED_KERNELS):
-        return None
-    try:
-        from kernels.lora import lora_linear
-    except ImportError:
-        return None
-    return lora_linear(x, layer)
+def _path(layer: LoRALinear, x: torch.Tensor) -> str:
+    """The forward path for this call: the layer's `backend` if set, else CUDA_PATH for CUDA tensors
+    with more than SMALL_ROWS rows outside autocast, else "plain"."""
+    path = layer.backend
+    if path is None:
+        if not x.is_cuda or x.numel() <= SMALL_ROWS * x.shape[-1] or torch.is_autocast_enabled(x.device.type):
+            return "plain"
+        path = CUDA_PATH
+    if path not in PATHS:
+        raise EngineError(f"LoRA path must be one of {PATHS}, got {path!r}")
+    return path
 
 
 def project_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
-    """(q_proj(x), k_proj(x), v_proj(x)); on CUDA, three LoRALinear layers share one fused launch
-    that reads x once (`kernels.lora.lora_qkv`). For an attention module's forward."""
-    if x.is_cuda and USE_FUSED_KERNELS and all(isinstance(m, LoRALinear) for m in (q_proj, k_proj, v_proj)):
+    """(q_proj(x), k_proj(x), v_proj(x)); on the "fused" path, three LoRALinear layers share one
+    launch that reads x once (`kernels.lora.lora_qkv`). For an attention module's forward."""
+    layers = (q_proj, k_proj, v_proj)
+    if all(isinstance(m, LoRALinear) for m in layers) and all(_path(m, x) == "fused" for m in layers):
         from kernels.lora import lora_qkv
 
-        return lora_qkv(x, q_proj, k_proj, v_proj)
+        return lora_qkv(x, q_proj, k_proj, v_proj, backend="triton")
     return q_proj(x), k_proj(x), v_proj(x)
 
 

@@ -6,14 +6,28 @@ is an `nn.Linear`, which NF4 and LoRA modules replace by name.
 
 Shapes: B batch, T new tokens, S key length (T, or the cache length), H heads, K kv heads,
 D head dim, C hidden size, V vocab.
+
+Two paths run the same math. The reference (PyTorch ops, autograd; training, the CPU) and, for
+inference on CUDA, fused Triton kernels for the model's own small ops, which matter when a decode
+step is a few tokens and each kernel launch costs more than its work: the residual add fused into
+the next RMSNorm (kernels.norm), RoPE on q and k plus the KV-cache write in one launch
+(kernels.rope), and attention of the new tokens against the cache with the mask applied inside
+(kernels.attention; no mask tensor). `Transformer.backend` picks the path; parity tests run the
+reference, tests/models/test_fused_decode.py checks the fused path against it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.attention import decode_attention
+from kernels.attention import fits as decode_attention_fits
+from kernels.norm import add_rms_norm
+from kernels.rope import rope_qkv
 from models.config import ModelConfig
 from models.moe import SparseMoE
 
@@ -29,6 +43,11 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x + residual), x + residual) in one kernel (kernels.norm); residual may be None.
+        Inference only: the fused path of `DecoderLayer.forward_fused`."""
+        return add_rms_norm(x, residual, self.weight, self.eps, backend="triton")
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -63,6 +82,21 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+@dataclass
+class LayerContext:
+    """What every layer needs about one forward call; built once per call by Transformer.forward."""
+
+    B: int
+    T: int
+    cos: torch.Tensor  # (B, 1, T, D) RoPE tables
+    sin: torch.Tensor  # (B, 1, T, D)
+    mask: torch.Tensor | None  # bool (B|1, 1, T, S) for SDPA; None: plain causal, or decode_attention
+    input_pos: torch.Tensor | None  # (T,) cache slots of the new tokens
+    kernels: bool = False  # the fused Triton ops (inference only)
+    decode_attention: bool = False  # attention by kernels.attention over the cache (no mask tensor)
+    attention_mask: torch.Tensor | None = None  # (B|1, S) for decode_attention
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -75,21 +109,49 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, B, T, cos, sin, mask, input_pos):
+    def forward(self, x, ctx: LayerContext):
         """x (B*T, C): linear layers see 2-D inputs (CPU matmuls on (B, 1, C) are pathologically slow)."""
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B*T, H*D), (B*T, K*D), (B*T, K*D)
+        y = self._attend_fused(q, k, v, ctx) if ctx.kernels else self._attend(q, k, v, ctx)  # (B*T, H*D)
+        return self.o_proj(y)
+
+    def _heads(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        return t.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B*T, n*D) -> (B, n, T, D)
+
+    def _attend(self, q, k, v, ctx: LayerContext):
+        """The reference: RoPE, cache update and SDPA in PyTorch ops."""
+        B, T = ctx.B, ctx.T
+        q, k, v = self._heads(q, B, T), self._heads(k, B, T), self._heads(v, B, T)  # (B, H|K, T, D)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+            k, v = self.kv_cache.update(ctx.input_pos, k, v)  # (B, K, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        return self._sdpa(q, k, v, ctx)
+
+    def _attend_fused(self, q, k, v, ctx: LayerContext):
+        """The same with kernels: RoPE on q and k and the cache write in one launch, then attention
+        over the cache in two more (kernels.attention; SDPA for inputs too long for it)."""
+        B, T, cache = ctx.B, ctx.T, self.kv_cache
+        slots = (cache.k, cache.v, ctx.input_pos) if cache is not None else None
+        q, k = rope_qkv(q, k, v, ctx.cos, ctx.sin, slots, backend="triton")  # (B*T, H*D), (B*T, K*D) | None
+        if ctx.decode_attention:
+            y = decode_attention(q.view(B, T, self.n_heads, self.head_dim), cache.k, cache.v, ctx.input_pos,
+                                 ctx.attention_mask, self.cfg.sliding_window, backend="triton")  # (B, T, H, D)
+            return y.view(B * T, -1)
+        if cache is not None:
+            k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)  # (B, K, S, D)
+        else:
+            k, v = self._heads(k, B, T), self._heads(v, B, T)  # (B, K, T, D)
+        return self._sdpa(self._heads(q, B, T), k, v, ctx)
+
+    def _sdpa(self, q, k, v, ctx: LayerContext):
+        """q (B, H, T, D), k and v (B, K, S, D) -> (B*T, H*D)."""
         gqa = self.n_kv != self.n_heads
-        if mask is None:  # plain causal over T == S: the fused flash path
+        if ctx.mask is None:  # plain causal over T == S: the fused flash path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=gqa)  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(ctx.B * ctx.T, self.n_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -117,10 +179,25 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x, B, T, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), B, T, cos, sin, mask, input_pos)
-        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
+    def forward(self, x, ctx: LayerContext):
+        """x (B*T, C) -> (B*T, C)."""
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.ffn(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, delta, ctx: LayerContext):
+        """forward with each residual add fused into the RMSNorm that follows it (inference).
+
+        x (B*T, C) is the residual stream without delta (B*T, C), the last sublayer's output
+        (None before the first layer); returns the same pair after this layer. The sums are the
+        reference's, rounded alike: x + delta is stored in x's dtype before it is normalized.
+        """
+        h, x = self.input_layernorm.add_forward(x, delta)  # h = norm(x + delta), x = x + delta
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, ctx))
+        return x, self.ffn(h)
 
 
 class DecoderStack(nn.Module):
@@ -140,6 +217,11 @@ class Transformer(nn.Module):
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # The model's own small ops (norms, residual adds, RoPE, cache write, attention): None runs
+        # the fused Triton kernels on CUDA when no gradient is needed, else the PyTorch reference;
+        # "reference" never uses them; "triton" uses them on any device (CPU: the interpreter).
+        # Projections and the MoE block pick their own kernels.
+        self.backend: str | None = None
         self.tie_weights()
 
     def tie_weights(self):
@@ -173,6 +255,12 @@ class Transformer(nn.Module):
         return None if cache is None else cache.k.shape[2]
 
     # ---- forward ----
+    def _use_kernels(self, device: torch.device) -> bool:
+        """Whether this call takes the fused kernels; never when autograd may need a backward."""
+        if self.backend == "reference" or torch.is_grad_enabled():
+            return False
+        return self.backend == "triton" or device.type == "cuda"
+
     def _attention_mask(self, attention_mask, input_pos, T, S, device):
         """Boolean (B|1, 1, T, S) mask: causal by slot, padding, sliding window; None if plain causal."""
         window = self.config.sliding_window
@@ -210,11 +298,26 @@ class Transformer(nn.Module):
             position_ids = base[None].expand(B, T)
         x = self.model.embed_tokens(input_ids).view(B * T, -1)  # (B*T, C)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = self._attention_mask(attention_mask, input_pos if cached else None, T, S, device)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, B, T, cos, sin, mask, input_pos, use_reentrant=False)
-            else:
-                x = layer(x, B, T, cos, sin, mask, input_pos)
-        x = self.model.norm(x)
+        c = self.config
+        kernels = self._use_kernels(device)
+        # A few new tokens against the cache: the attention kernel masks by itself (no mask tensor).
+        decode_attn = (kernels and cached and (attention_mask is None or attention_mask.shape[-1] == S)
+                       and decode_attention_fits(T, c.num_attention_heads, c.num_key_value_heads))
+        mask = None
+        if not decode_attn:
+            mask = self._attention_mask(attention_mask, input_pos if cached else None, T, S, device)
+        ctx = LayerContext(B, T, cos, sin, mask, input_pos, kernels, decode_attn,
+                           attention_mask if decode_attn else None)
+        if kernels:
+            delta = None  # the last sublayer's output, added inside the next norm
+            for layer in self.model.layers:
+                x, delta = layer.forward_fused(x, delta, ctx)
+            x, _ = self.model.norm.add_forward(x, delta)
+        else:
+            for layer in self.model.layers:
+                if self.gradient_checkpointing and self.training:
+                    x = checkpoint(layer, x, ctx, use_reentrant=False)
+                else:
+                    x = layer(x, ctx)
+            x = self.model.norm(x)
         return (x if return_hidden else self.lm_head(x)).view(B, T, -1)

@@ -1,16 +1,18 @@
-"""Fused LoRA kernels (through TRITON_INTERPRET=1 on CPU) against the reference and plain autograd.
+"""LoRA paths (Triton through TRITON_INTERPRET=1 on CPU) against the reference and plain autograd.
 
-Every case checks the output and dX, dA, dB three ways: the Triton kernels, `lora_reference`, and a
-plain PyTorch LoRA in fp64 built here (same dropout mask), on odd shapes, fp16 and fp32 (and bf16
-on CUDA: the interpreter's bf16 tl.dot is broken), a dense and an NF4 base. 16-bit tolerances are
-relative to the largest value (16-bit inputs, fp32 accumulation). Everything runs on DEV: CUDA when
-there is one (compiled kernels), else the CPU through the interpreter; generators stay on the CPU.
+Every case checks the output and dX, dA, dB three ways: a path (the fused Triton kernels,
+backend="triton", or the GEMM path, backend="cublas", in each of its variants), `lora_reference`,
+and a plain PyTorch LoRA in fp64 built here (same dropout mask), on odd shapes, fp16 and fp32 (and
+bf16 on CUDA: the interpreter's bf16 tl.dot is broken), a dense and an NF4 base. 16-bit tolerances
+are relative to the largest value (16-bit inputs, fp32 accumulation). Everything runs on DEV: CUDA
+when there is one (compiled kernels; cuBLAS), else the CPU through the interpreter (torch.mm stands
+in for cuBLAS); generators stay on the CPU.
 """
 import pytest
 import torch
 
-from kernels.lora import (Base, dropout_keep_reference, keep_threshold, lora_forward, lora_linear, lora_qkv,
-                          lora_reference, new_dropout_keys)
+from kernels.lora import (Base, GemmOptions, dropout_keep_reference, keep_threshold, lora_forward, lora_linear,
+                          lora_qkv, lora_reference, new_dropout_keys)
 from kernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from models.lora import LoRALinear
 from models.nf4 import NF4Linear
@@ -90,14 +92,94 @@ def test_kernels_match_reference_and_plain_autograd(nf4, dtype, M, K, Ns, r, p, 
         assert _rel(gr, gp) <= TOL[dtype], name
 
 
-def test_dropout_mask_is_the_reference_mask_bit_for_bit():
-    """W = 0, A = I, B = I: the kernel's output is scale * dropout(x) exactly, so its mask shows."""
+# The GEMM path's variants (GemmOptions): the adapter passes in Triton (the default on CUDA) or in
+# PyTorch (the default on CPU), and each alternative the benchmark times.
+GEMM_VARIANTS = {
+    "triton": GemmOptions(adapter="triton"),
+    "torch": GemmOptions(adapter="torch"),
+    "base_first": GemmOptions(adapter="triton", adapter_first=False),
+    "dequant_twice": GemmOptions(adapter="triton", save_weight=False),
+    "save_weight": GemmOptions(adapter="triton", save_weight=True),
+    "dy_triton": GemmOptions(adapter="triton", dy="triton"),
+    "torch_mask": GemmOptions(adapter="torch_mask"),
+}
+GEMM_CASES = [(v, *case) for case in CASES for v in ("triton", "torch")] + \
+    [(v, *CASES[i]) for v in ("base_first", "dequant_twice", "save_weight", "dy_triton") for i in (1, 3, 4)]
+
+
+@pytest.mark.parametrize("variant,nf4,dtype,M,K,Ns,r,p,bias", GEMM_CASES)
+def test_gemm_path_matches_reference_and_plain_autograd(variant, nf4, dtype, M, K, Ns, r, p, bias):
+    """backend="cublas": y, dX, dA, dB against fp64 autograd through a plain LoRA (same mask)."""
+    x, bases, As, Bs = _make(nf4, dtype, M, K, Ns, r, bias)
+    scales = [2.0, 0.5, 1.5][: len(Ns)]
+    keys = new_dropout_keys(len(Ns), DEV)
+    leaves = [x, *As, *Bs]
+    got = lora_forward(x, bases, As, Bs, scales, p, keys, backend="cublas", options=GEMM_VARIANTS[variant])
+    plain = [_plain(x, *args, p, k) for *args, k in zip(bases, As, Bs, scales, keys)]
+    for y, yp in zip(got, plain):
+        assert y.dtype == dtype and y.shape == yp.shape
+        assert _rel(y, yp) <= TOL[dtype]
+    grads, gys = _grads(got, leaves)
+    grads_plain = torch.autograd.grad(plain, leaves, [gy.double() for gy in gys])
+    for name, gk, gp in zip(["dX"] + ["dA"] * len(Ns) + ["dB"] * len(Ns), grads, grads_plain):
+        assert gk.dtype == (dtype if name == "dX" else torch.float32), name
+        assert _rel(gk, gp) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("nf4,dtype,M,K,Ns,r,p,bias", [c for c in CASES if len(c[4]) == 1])
+@pytest.mark.parametrize("adapter_first", [True, False])
+def test_gemm_path_with_torch_dropout_mask(nf4, dtype, M, K, Ns, r, p, bias, adapter_first):
+    """adapter="torch_mask" (torch's dropout, the mask stored): the mask is drawn again from the same
+    seed here and a plain fp64 LoRA with it gives y, dX, dA, dB."""
+    x, bases, As, Bs = _make(nf4, dtype, M, K, Ns, r, bias)
+    opts = GemmOptions(adapter="torch_mask", adapter_first=adapter_first)
+    torch.manual_seed(7)
+    y = lora_forward(x, bases, As, Bs, [2.0], p, new_dropout_keys(1, DEV), backend="cublas", options=opts)[0]
+    torch.manual_seed(7)
+    new_dropout_keys(1, DEV)
+    keep = torch.empty(x.shape, dtype=torch.bool, device=DEV).bernoulli_(1.0 - p) if p > 0 else None
+    base, a, b = bases[0], As[0], Bs[0]
+    w = dequantize_nf4_reference(base.weight, torch.float64) if base.is_nf4 else base.weight.double()
+    x64 = x.double()
+    xd = x64 if keep is None else x64 * keep / (1 - p)
+    want = x64 @ w.T + (0 if base.bias is None else base.bias.double()) + 2.0 * (xd @ a.double().T) @ b.double().T
+    assert y.dtype == dtype and _rel(y, want) <= TOL[dtype]
+    grads, gys = _grads([y], [x, a, b])
+    want_grads = torch.autograd.grad(want, [x, a, b], gys[0].double())
+    for name, gk, gp in zip(("dX", "dA", "dB"), grads, want_grads):
+        assert gk.dtype == (dtype if name == "dX" else torch.float32), name
+        assert _rel(gk, gp) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("variant", ["triton", "torch", "dy_triton", "torch_mask"])
+def test_gemm_path_without_x_grad_or_without_adapter_grads(variant):
+    """The first layer's input needs no gradient (dA, dB only); a frozen adapter gives dX only."""
+    x, bases, As, Bs = _make(True, torch.float32, 20, 64, (48,), 4)
+    opts = GEMM_VARIANTS[variant]
+    p = 0.0 if variant == "torch_mask" else 0.1  # (torch_mask draws its own mask)
+    keys = new_dropout_keys(1, DEV)
+    want = lora_reference(x, bases, As, Bs, [1.0], p, keys)[0]
+    gy = torch.randn(want.shape).to(DEV)
+    wx, wa, wb = torch.autograd.grad(want, [x, As[0], Bs[0]], gy)
+    y = lora_forward(x.detach(), bases, As, Bs, [1.0], p, keys, backend="cublas", options=opts)[0]
+    da, db = torch.autograd.grad(y, [As[0], Bs[0]], gy)
+    assert _rel(da, wa) <= 2e-5 and _rel(db, wb) <= 2e-5
+    frozen = [t.detach() for t in (*As, *Bs)]
+    y = lora_forward(x, bases, frozen[:1], frozen[1:], [1.0], p, keys, backend="cublas", options=opts)[0]
+    (dx,) = torch.autograd.grad(y, [x], gy)
+    assert _rel(dx, wx) <= 2e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_dropout_mask_is_the_reference_mask_bit_for_bit(backend):
+    """W = 0, A = I, B = I: the output is scale * dropout(x) exactly, so the mask shows."""
     M, K, p = 45, 32, 0.3
     x = torch.randn(M, K).to(DEV) + 3.0  # no zeros in x, so a zero output means a dropped element
     base = Base(torch.zeros(K, K, device=DEV))
     eye = torch.eye(K, device=DEV)
     keys = new_dropout_keys(1, DEV)
-    y = lora_forward(x, [base], [eye], [eye], [1.0], p, keys, backend="triton")[0]
+    y = lora_forward(x, [base], [eye], [eye], [1.0], p, keys, backend=backend,
+                     options=GemmOptions(adapter="triton"))[0]
     keep = dropout_keep_reference(keys[0], M, K, p)
     assert torch.equal(y != 0, keep)
     torch.testing.assert_close(y[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
@@ -139,17 +221,20 @@ def test_lora_linear_on_layers_matches_their_pytorch_forward(kind):
     layer = _layer(base).eval()  # the adapter lands on the base's device
     x = torch.randn(2, 9, 96).to(DEV).requires_grad_()
     got = lora_linear(x, layer, backend="triton")
-    want = layer(x)  # the PyTorch forward (on CUDA too: models.lora.USE_FUSED_KERNELS is off)
+    want = layer(x)  # the PyTorch forward (on CUDA too: 18 rows <= models.lora.SMALL_ROWS)
     assert got.shape == (2, 9, 80)
     assert _rel(got, want) <= 2e-5
+    assert _rel(lora_linear(x, layer, backend="cublas"), want) <= 2e-5
     layer.train()
     keys = new_dropout_keys(1, DEV)
-    got = lora_linear(x, layer, backend="triton", keys=keys)
     ref = lora_linear(x, layer, backend="reference", keys=keys)
     leaves = [x, layer.lora_A.weight, layer.lora_B.weight]
-    assert _rel(got, ref) <= 2e-5
-    for gk, gr in zip(_grads([got], leaves)[0], _grads([ref], leaves)[0]):
-        assert _rel(gk, gr) <= 2e-5
+    ref_grads = _grads([ref], leaves)[0]
+    for backend in ("triton", "cublas"):
+        got = lora_linear(x, layer, backend=backend, keys=keys)
+        assert _rel(got, ref) <= 2e-5, backend
+        for gk, gr in zip(_grads([got], leaves)[0], ref_grads):
+            assert _rel(gk, gr) <= 2e-5, backend
 
 
 def test_lora_qkv_equals_three_lora_linear_calls():
@@ -180,7 +265,7 @@ def test_only_adapter_grads_when_x_needs_none():
 # so a kernel that would not build on an H100, or would need more than its 227 KB of shared memory
 # per block, fails here on a CPU machine.
 _COMPILE_FOR_H100 = r'''
-import sys, torch, triton
+import os, re, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -188,6 +273,7 @@ from triton.runtime.jit import JITFunction
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
          torch.int32: "*i32", torch.int64: "*i64"}
 H100_SMEM = 232448
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 def compile_instead(self, *args, grid, warmup, **kwargs):
     bound = dict(zip([p.name for p in self.params], args), **kwargs)
@@ -204,7 +290,14 @@ def compile_instead(self, *args, grid, warmup, **kwargs):
     c = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options=opts)
     assert c.metadata.shared <= H100_SMEM, (self.fn.__name__, c.metadata.shared)
-    print("compiled", self.fn.__name__, c.metadata.shared, flush=True)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    regs, local = (int(re.search(pat, usage).group(1)) for pat in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+    if self.fn.__name__.startswith("_adapter"):  # the GEMM path's kernels must not spill
+        assert local == 0, (self.fn.__name__, usage)
+    print("compiled", self.fn.__name__, c.metadata.shared, regs, local, flush=True)
 
 JITFunction.run = compile_instead
 from kernels import lora as L
@@ -220,6 +313,15 @@ ys = [torch.empty(M, n, dtype=torch.bfloat16) for n in Ns]
 if S == 3:  # the two small passes once; the GEMMs for both shapes (their shared memory varies)
     L._launch_down(x, a, keys, [1.0] * S, 0.1, r)
     L._launch_dy(ys, b, xa, [1.0] * S, r)
+    # The GEMM path's kernels, bf16, every variant the engine or the benchmark launches.
+    x16, a1, keys1 = x, a[:r], keys[:1]
+    L._launch_adapter_down(x16, a1, keys1, 0.1, 4.0)
+    L._launch_adapter_down(x16, a1, keys1, 0.0, 4.0, dict(SPLIT_K=4))
+    g16, t16 = torch.empty(M, r, dtype=torch.bfloat16), torch.empty(M, K, dtype=torch.bfloat16)
+    L._launch_adapter_dx(x16, g16, a1, keys1, 0.1, 4.0, t16, False, True)
+    L._launch_adapter_dx(x16, g[:, :r], a1, keys1, 0.0, 4.0, t16, True, False)
+    L._launch_adapter_dx(x16, g16, a1, keys1, 0.1, 4.0, None, False, True)
+    L._launch_dy(ys[:1], b[:Ns[0]], g16, [1.0], r, native=True)
 L._launch_fwd(x, xa, b, None, bases, r)
 L._launch_dx(ys, bases, g, a, keys, 0.1, r, x)
 '''
@@ -245,3 +347,4 @@ def test_kernels_compile_for_h100():
         compiled += [line.split()[1] for line in stdout.splitlines() if line.startswith("compiled")]
     assert compiled.count("_lora_fwd_kernel") == 2 and compiled.count("_lora_dx_kernel") == 2
     assert "_lora_down_kernel" in compiled and "_lora_dy_kernel" in compiled
+    assert compiled.count("_adapter_down_kernel") == 2 and compiled.count("_adapter_dx_kernel") == 3

@@ -163,3 +163,78 @@ def test_project_qkv_on_cpu_is_three_calls():
         got = project_qkv(attn.q_proj, attn.k_proj, attn.v_proj, x)
         want = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_every_forward_path_gives_the_plain_path_numbers_in_fp32(kind):
+    """LoRALinear's CUDA paths ("cublas", "fused"), forced onto the CPU through the layer's `backend`
+    (Triton through the interpreter), against the plain PyTorch path: y, dX, dA, dB in fp32. With
+    dropout the paths draw the same mask from the same seed (the plain path's mask is torch's own,
+    so there the reference backend, which uses the kernels' mask, stands in for it)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True)
+    base = NF4Linear.from_linear(linear) if kind == "nf4" else linear
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.0).train()
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(2, 9, 96, requires_grad=True)
+    leaves = [x, layer.lora_A.weight, layer.lora_B.weight]
+    gy = torch.randn(2, 9, 80)
+
+    def run(path, p=0.0):
+        layer.backend, layer.dropout_p = path, p
+        torch.manual_seed(1)
+        y = layer(x)
+        return y, torch.autograd.grad(y, leaves, gy)
+
+    want, want_grads = run("plain")
+    for path in ("cublas", "fused"):
+        got, grads = run(path)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    from kernels.lora import lora_linear
+
+    layer.dropout_p = 0.3
+    torch.manual_seed(1)
+    ref = lora_linear(x, layer, backend="reference")
+    ref_grads = torch.autograd.grad(ref, leaves, gy)
+    for path in ("cublas", "fused"):
+        got, grads = run(path, 0.3)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads, ref_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    layer.backend = "nope"
+    with pytest.raises(EngineError, match="path"):
+        layer(x)
+
+
+def test_cpu_tensors_take_the_plain_path_whatever_cuda_path(monkeypatch):
+    import models.lora as ML
+
+    layer = LoRALinear(torch.nn.Linear(8, 8), r=2, alpha=2)
+    for path in ML.PATHS:
+        monkeypatch.setattr(ML, "CUDA_PATH", path)
+        assert ML._path(layer, torch.randn(100, 8)) == "plain"
+
+
+def test_model_step_on_the_gemm_path_equals_the_plain_path():
+    """A whole tiny MoE model (NF4 bases, LoRA on attention and experts) through backend="cublas"
+    on every LoRA layer: same loss and adapter gradients as the plain path (fp32, no dropout)."""
+    m = _model("tiny-moe")
+    replace_linears_with_nf4(m, skip=("gate", "lm_head"))
+    inject_lora(m, r=4, alpha=8, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "w2"))
+    _randomize_b(m)
+    m.train()
+    ids = torch.randint(0, 64, (2, 6))
+    layers = lora_layers(m)
+    params = [p for p in m.parameters() if p.requires_grad]
+    results = {}
+    for path in ("plain", "cublas"):
+        for layer in layers.values():
+            layer.backend = path
+        loss = m(ids).logsumexp(-1).mean()
+        results[path] = (loss.detach(), torch.autograd.grad(loss, params))
+    torch.testing.assert_close(results["cublas"][0], results["plain"][0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(results["cublas"][1], results["plain"][1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

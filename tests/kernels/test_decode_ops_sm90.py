@@ -1,0 +1,68 @@
+"""The decode-path kernels (kernels/norm.py, rope.py, attention.py) compile for an H100 (sm_90)
+at Mixtral shapes in bf16 without spilling registers: Triton's own ptxas, no GPU needed (the CPU
+tests run them only through the interpreter, which skips the compiler)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_COMPILE = textwrap.dedent("""
+    import os, re, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import attention, norm, rope
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def compile_(name, fn, sig, consts, warps, **opts):
+        src = ASTSource(fn, dict(sig, **{c: "constexpr" for c in consts}), constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **opts))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        get = lambda key: re.search(key + r":(\\d+)", usage).group(1)
+        print(name, "regs", get("REG"), "stack", get("STACK"), "local", get("LOCAL"), flush=True)
+
+    bf, i32 = "*bf16", "i32"
+    ints = lambda names: {n: i32 for n in names.split()}
+    for res in (True, False):
+        sig = dict(x_ptr=bf, r_ptr=bf, w_ptr=bf, y_ptr=bf, s_ptr=bf, C=i32, eps="fp32",
+                   **ints("stride_x stride_r stride_y stride_s"))
+        compile_(f"norm_residual={res}", norm._add_rms_norm_kernel, sig, dict(HAS_RESIDUAL=res, BLOCK=4096), 8,
+                 enable_fp_fusion=False)
+    for cache in (True, False):
+        sig = {n: bf for n in "q_ptr k_ptr v_ptr cos_ptr sin_ptr qo_ptr ko_ptr ck_ptr cv_ptr".split()}
+        sig.update(pos_ptr="*i64", **ints("T stride_q stride_k stride_v stride_qo stride_ko stride_cos_b "
+                                          "stride_cos_t stride_sin_b stride_sin_t stride_c_b stride_c_h "
+                                          "stride_c_s stride_cv_b stride_cv_h stride_cv_s"))
+        compile_(f"rope_cache={cache}", rope._rope_qkv_kernel, sig, dict(H=32, D=128, WRITE_CACHE=cache, BLOCK=64),
+                 1, enable_fp_fusion=False)
+    for rows in (16, 32, 64):
+        qkv = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf)
+        strides = ints("stride_qb stride_qt stride_qh stride_kb stride_kh stride_ks stride_vb stride_vh stride_vs")
+        c = attention.config(rows, 128)
+        consts = dict(G=4, D=128, BLOCK_M=rows, BLOCK_D=128, BLOCK_S=c["BLOCK_S"], HAS_MASK=True, HAS_WINDOW=True)
+        sig = dict(qkv, pos_ptr="*i64", m_ptr="*i64", ml_ptr="*fp32", acc_ptr="*fp32", T=i32, S=i32, window=i32,
+                   scale="fp32", BLOCKS_PER_SPLIT=i32, **strides, stride_mb=i32)
+        compile_(f"attention_split_rows={rows}", attention._split_kernel, sig, consts, c["num_warps"])
+        sig = dict(qkv, o_ptr=bf, pos_ptr="*i64", m_ptr="*i64", ml_ptr="*fp32", acc_ptr="*fp32", T=i32, S=i32,
+                   window=i32, scale="fp32", N_SPLIT=i32, **strides,
+                   **ints("stride_ob stride_ot stride_oh stride_mb"))
+        compile_(f"attention_combine_rows={rows}", attention._combine_kernel, sig, consts, c["num_warps"])
+""")
+
+
+def test_decode_kernels_compile_for_sm90_without_spills():
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert len(lines) == 10, r.stdout
+    for line in lines:
+        assert line[4] == "0" and line[6] == "0", f"register spill: {' '.join(line)}"
