@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4 import GEMV_ROWS, NF4Tensor, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
+from kernels.nf4 import GEMV_ROWS, NF4Tensor, _num_sms, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
 
 MAX_SEGMENTS = 3
 SMALL_M = GEMV_ROWS  # backend None: at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter
@@ -539,10 +539,6 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _rows_per_prog(M: int, programs: int, block_m: int, device) -> int:

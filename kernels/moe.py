@@ -49,8 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _load_words, _nf4_nibble_table, _nf4_row_values,
-                         dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_group_dots)
+from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _dot_precision, _nf4_nibble_table, _num_sms,
+                         dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_rows_loop)
 
 MAX_PAIRS = 64  # (token, slot) pairs one launch serves: BLOCK_P <= 64 rows of the MMA
 _FIELDS = {"packed": torch.uint8, "absmax": torch.uint8, "absmax2": torch.float32, "code2": torch.float32,
@@ -282,63 +282,16 @@ def _pair_index(offs_p, routed, rank, i):
 
 
 @triton.jit
-def _x_step(src_ptr, offs_k, K, I, SWIGLU: tl.constexpr, DTYPE: tl.constexpr):
-    """(BK,) fp32 activations of one pair: x itself, or h = silu(g) * u from its fp32 gu row,
-    rounded to the compute dtype as the two-kernel path's h."""
-    if SWIGLU:
-        g = tl.load(src_ptr + offs_k)
-        u = tl.load(src_ptr + I + offs_k)
-        return (g * tl.sigmoid(g) * u).to(DTYPE).to(tl.float32)
-    else:
-        return tl.load(src_ptr + offs_k).to(tl.float32)
-
-
-@triton.jit
-def _expert_rows(
-    wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask, K, I,
-    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """(BN,) fp32 x4: rows offs_n of one expert's weight (K % BLOCK_K == 0) times M activation rows
-    (src0..src3, the unused ones ignored). The loop of kernels.nf4's fma decode kernel."""
-    rows = offs_n.to(tl.int64)
-    row_words = (K // 64) * 8
-    w_rows = wp.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
-    offs_w = tl.max_contiguous(tl.arange(0, BLOCK_K // 8), 4)
-    offs_c = tl.arange(0, BLOCK_K)
-    G: tl.constexpr = BLOCK_K // 64
-    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    words = _load_words(w_rows, 0, K, offs_w, n_mask, row_words, False, True)
-    for k_start in range(0, K, BLOCK_K):
-        cur = words
-        words = _load_words(w_rows, k_start + BLOCK_K, K, offs_w, n_mask, row_words, False, True)
-        vals = _nf4_row_values(table, cur, BLOCK_N, BLOCK_K)  # (BN, BK) fp32, unscaled
-        offs_g = k_start // 64 + tl.arange(0, G)
-        scale = nf4_absmax(wa, wa2, wc2, wo, rows[:, None] * (K // 64) + offs_g[None, :], n_mask[:, None])
-        offs_k = k_start + offs_c
-        acc0 += nf4_group_dots(vals, _x_step(src0, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
-        if M > 1:
-            acc1 += nf4_group_dots(vals, _x_step(src1, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
-        if M > 2:
-            acc2 += nf4_group_dots(vals, _x_step(src2, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
-        if M > 3:
-            acc3 += nf4_group_dots(vals, _x_step(src3, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
-    return tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)
-
-
-@triton.jit
-def _store_pairs(out_ptr, stride_p, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
+def _store_pairs(out_ptr, stride_p, col0, offs_n, n_mask, acc0, acc1, acc2, acc3, p0, p1, p2, p3,
                  s0, s1, s2, s3, M: tl.constexpr):
-    """out[p_i, col0 + offs_n] = s_i * y_i for the M pairs."""
-    tl.store(out_ptr + p0.to(tl.int64) * stride_p + col0 + offs_n, y0 * s0, mask=n_mask)
+    """out[p_i, col0 + offs_n] = s_i * (row sums of acc_i, (BN, G) group partials) for the M pairs."""
+    tl.store(out_ptr + p0.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc0, axis=1) * s0, mask=n_mask)
     if M > 1:
-        tl.store(out_ptr + p1.to(tl.int64) * stride_p + col0 + offs_n, y1 * s1, mask=n_mask)
+        tl.store(out_ptr + p1.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc1, axis=1) * s1, mask=n_mask)
     if M > 2:
-        tl.store(out_ptr + p2.to(tl.int64) * stride_p + col0 + offs_n, y2 * s2, mask=n_mask)
+        tl.store(out_ptr + p2.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc2, axis=1) * s2, mask=n_mask)
     if M > 3:
-        tl.store(out_ptr + p3.to(tl.int64) * stride_p + col0 + offs_n, y3 * s3, mask=n_mask)
+        tl.store(out_ptr + p3.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc3, axis=1) * s3, mask=n_mask)
 
 
 @triton.jit
@@ -372,29 +325,13 @@ def _expert_tile(
             s1 = tl.load(weight_ptr + p1).to(tl.float32)
             s2 = tl.load(weight_ptr + p2).to(tl.float32)
             s3 = tl.load(weight_ptr + p3).to(tl.float32)
-        if n == 1:
-            y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask,
-                                          K, I, 1, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
-            _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
-                         s0, s1, s2, s3, 1)
-        if MAX_ROWS > 1:
-            if n == 2:
-                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
-                                              n_mask, K, I, 2, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
-                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
-                             s0, s1, s2, s3, 2)
-        if MAX_ROWS > 2:
-            if n == 3:
-                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
-                                              n_mask, K, I, 3, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
-                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
-                             s0, s1, s2, s3, 3)
-        if MAX_ROWS > 3:
-            if n == 4:
-                y0, y1, y2, y3 = _expert_rows(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n,
-                                              n_mask, K, I, 4, BLOCK_N, BLOCK_K, SWIGLU, DTYPE)
-                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, y0, y1, y2, y3, p0, p1, p2, p3,
-                             s0, s1, s2, s3, 4)
+        for m in tl.static_range(1, MAX_ROWS + 1):  # one compiled loop per pair count
+            if n == m:
+                acc0, acc1, acc2, acc3 = nf4_rows_loop(
+                    wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask, 0, K, K, I,
+                    m, BLOCK_N, BLOCK_K, False, True, 4, SWIGLU, DTYPE)
+                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, acc0, acc1, acc2, acc3, p0, p1, p2, p3,
+                             s0, s1, s2, s3, m)
 
 
 @triton.jit
@@ -436,16 +373,16 @@ def _moe_down_rows_kernel(
 ROWS_MAX_TOKENS = 4  # moe_decode takes the row kernels up to this many tokens (16-bit x, K % BLOCK_K == 0)
 
 
-def rows_config(T: int) -> dict:
+def rows_config() -> dict:
     """Tiles of the row kernels: nf4_gemv's fma defaults for these shapes (16 rows x 512 columns
     per step, 4 warps; 8 rows for the down projection, whose 4096 rows give fewer tiles)."""
     return dict(gate_up=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4), down=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4))
 
 
-def _rows_ok(x: torch.Tensor, T: int, w: "NF4Experts") -> bool:
+def _rows_ok(x: torch.Tensor, w: "NF4Experts") -> bool:
     """The row kernels' default tiles fit: 16-bit activations, K of both projections % BLOCK_K == 0."""
-    c = rows_config(T)
-    return (0 < T <= ROWS_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16)
+    c = rows_config()
+    return (0 < x.shape[0] <= ROWS_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16)
             and w.hidden % c["gate_up"]["BLOCK_K"] == 0 and w.intermediate % c["down"]["BLOCK_K"] == 0)
 
 
@@ -460,8 +397,8 @@ def moe_decode_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
         raise ValueError(f"moe_decode_rows: x {tuple(x.shape)} must hold 1..{ROWS_MAX_TOKENS} tokens of {w.hidden} "
                          f"features in fp16/bf16 (got {x.dtype})")
     config = config or {}
-    ca = dict(rows_config(T)["gate_up"], **(config.get("gate_up") or {}))
-    cb = dict(rows_config(T)["down"], **(config.get("down") or {}))
+    ca = dict(rows_config()["gate_up"], **(config.get("gate_up") or {}))
+    cb = dict(rows_config()["down"], **(config.get("down") or {}))
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
     pairs = w.w1[0].tensors()[5]
@@ -496,11 +433,6 @@ def _byte_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
 def _nibble_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
     """(16,) the NF4 values in `dtype` (rounded once, as the byte-pair table rounds them)."""
     return torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _block_p(P: int) -> int:
@@ -549,10 +481,6 @@ def _lut(mode: int, w: NF4Experts, dtype: torch.dtype) -> torch.Tensor:
     if mode == 2:
         return _nibble_lut(str(w.device), dtype)
     return w.w1[0].tensors()[5]  # the table nf4_dequant_tile reads (kernels.nf4's contract)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
 def _check(x: torch.Tensor, experts: torch.Tensor, w: NF4Experts, what: str):
@@ -653,7 +581,7 @@ def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w:
     """
     config = config or {}
     kernels = config.get("kernels")
-    if kernels == "rows" or (kernels is None and not config and _rows_ok(x, x.shape[0], w)):
+    if kernels == "rows" or (kernels is None and not config and _rows_ok(x, w)):
         return moe_decode_rows(x, weights, experts, w, config)
     h = moe_gate_up(x, experts, w, config.get("gate_up"))
     y = moe_down(h, experts, weights, w, config.get("down"))

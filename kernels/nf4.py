@@ -21,6 +21,7 @@ Kernels (each beside a pure-PyTorch reference; CUDA tensors take Triton, CPU ten
                    (rows padded to 16-64 for the tensor cores). Both round the NF4 value, not
                    NF4 value * absmax, to the compute dtype and scale each 64-column group's partial
                    sum by its absmax: an error of the same size as rounding the dequantized weight.
+                   The fma kernel's loop, `nf4_rows_loop`, also serves kernels/moe.py's row kernels.
   nf4_gemm         Y = X W^T, W dequantized tile by tile in registers (the fused GEMM)
   nf4_gemm_dx      dX = dY W, the backward of the same family (the base is frozen: no dW)
   nf4_matmul       autograd entry point (`nf4_matmul_reference`) with a measured policy by rows M:
@@ -559,11 +560,35 @@ def _nf4_decode_fma_kernel(
     # so x loads straight into the layout of the products (no shared-memory round trip per step);
     # WORD_VEC = 4 gives 16-byte loads and warps along N.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
+    k_lo = tl.program_id(1) * K_PER_SPLIT
+    acc0, acc1, acc2, acc3 = nf4_rows_loop(
+        w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _nf4_nibble_table(pairs_ptr),
+        x_ptr, x_ptr + stride_xm, x_ptr + 2 * stride_xm, x_ptr + 3 * stride_xm, offs_n, n_mask,
+        k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), K, 0, M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, WORD_VEC, False, tl.float32)
+    _store_row(y_ptr, offs_n, n_mask, acc0, ATOMIC)
+    if M > 1:
+        _store_row(y_ptr + stride_ym, offs_n, n_mask, acc1, ATOMIC)
+    if M > 2:
+        _store_row(y_ptr + 2 * stride_ym, offs_n, n_mask, acc2, ATOMIC)
+    if M > 3:
+        _store_row(y_ptr + 3 * stride_ym, offs_n, n_mask, acc3, ATOMIC)
+
+
+@triton.jit
+def nf4_rows_loop(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table, src0, src1, src2, src3, offs_n, n_mask,
+    k_lo, k_hi, K, I, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr, SWIGLU: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """The CUDA-core decode loop, shared by nf4_gemv's fma kernel and the MoE row kernels
+    (kernels/moe.py): rows offs_n of one NF4 weight (K % 64 == 0) over columns k_lo..k_hi, times M
+    (1-4) activation rows src0..src3 (the unused ones ignored; see `nf4_row_x` for SWIGLU, I,
+    DTYPE). Returns four (BN, G) fp32 per-group partial sums (G = BLOCK_K // 64), one per row.
+    table: `_nf4_nibble_table(pairs_ptr)`."""
+    rows = offs_n.to(tl.int64)
     row_words = (K // 64) * 8  # K % 64 == 0
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
-    table = _nf4_nibble_table(pairs_ptr)
     offs_w = tl.max_contiguous(tl.arange(0, BLOCK_K // 8), WORD_VEC)
     offs_c = tl.arange(0, BLOCK_K)
     G: tl.constexpr = BLOCK_K // 64
@@ -571,8 +596,6 @@ def _nf4_decode_fma_kernel(
     acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    k_lo = tl.program_id(1) * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     # The next step's words are loaded before this step's math (a hand-made pipeline: Triton does
     # not pipeline loads that feed no dot), so each warp keeps a step of DRAM reads in flight.
     words = _load_words(w_rows, k_lo, k_hi, offs_w, n_mask, row_words, EVEN_N, EVEN_K)
@@ -584,20 +607,27 @@ def _nf4_decode_fma_kernel(
         scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None] * (K // 64) + offs_g[None, :],
                            n_mask[:, None] & (offs_g[None, :] < K // 64))  # (BN, G)
         offs_k = k_start + offs_c
-        acc0 += _group_dots(vals, x_ptr, offs_k, K, BLOCK_N, BLOCK_K) * scale
+        acc0 += nf4_group_dots(vals, nf4_row_x(src0, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
         if M > 1:
-            acc1 += _group_dots(vals, x_ptr + stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
+            acc1 += nf4_group_dots(vals, nf4_row_x(src1, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
         if M > 2:
-            acc2 += _group_dots(vals, x_ptr + 2 * stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
+            acc2 += nf4_group_dots(vals, nf4_row_x(src2, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
         if M > 3:
-            acc3 += _group_dots(vals, x_ptr + 3 * stride_xm, offs_k, K, BLOCK_N, BLOCK_K) * scale
-    _store_row(y_ptr, offs_n, n_mask, acc0, ATOMIC)
-    if M > 1:
-        _store_row(y_ptr + stride_ym, offs_n, n_mask, acc1, ATOMIC)
-    if M > 2:
-        _store_row(y_ptr + 2 * stride_ym, offs_n, n_mask, acc2, ATOMIC)
-    if M > 3:
-        _store_row(y_ptr + 3 * stride_ym, offs_n, n_mask, acc3, ATOMIC)
+            acc3 += nf4_group_dots(vals, nf4_row_x(src3, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def nf4_row_x(src_ptr, offs_k, K, I, SWIGLU: tl.constexpr, DTYPE: tl.constexpr):
+    """(BK,) fp32 activations of one row at columns offs_k (zeros past K): the row itself, or, with
+    SWIGLU, h = silu(g) * u from an fp32 row holding g at [0, I) and u at [I, 2I), rounded to DTYPE
+    (the MoE's stored h)."""
+    if SWIGLU:
+        g = tl.load(src_ptr + offs_k, mask=offs_k < K, other=0.0)
+        u = tl.load(src_ptr + I + offs_k, mask=offs_k < K, other=0.0)
+        return (g * tl.sigmoid(g) * u).to(DTYPE).to(tl.float32)
+    else:
+        return tl.load(src_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -612,13 +642,6 @@ def _load_words(w_rows, k0, k_hi, offs_w, n_mask, row_words, EVEN_N: tl.constexp
     if not EVEN_N:
         mask = mask & n_mask[:, None]
     return tl.load(w_rows + ow[None, :], mask=mask, other=0x77777777)
-
-
-@triton.jit
-def _group_dots(vals, x_ptr, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BN, BK // 64): each 64-element group's sum of vals * x, for one token's x."""
-    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
-    return nf4_group_dots(vals, x, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
