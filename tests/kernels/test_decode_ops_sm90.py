@@ -1,29 +1,16 @@
 """The decode-path kernels (kernels/norm.py, rope.py, attention.py) compile for an H100 (sm_90)
 at Mixtral shapes in bf16 without spilling registers: Triton's own ptxas, no GPU needed (the CPU
 tests run them only through the interpreter, which skips the compiler)."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+
+from tests.sm90 import run_child
 
 _COMPILE = textwrap.dedent("""
-    import os, re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kernels import attention, norm, rope
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
     def compile_(name, fn, sig, consts, warps, **opts):
-        src = ASTSource(fn, dict(sig, **{c: "constexpr" for c in consts}), constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **opts))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        get = lambda key: re.search(key + r":(\\d+)", usage).group(1)
-        print(name, "regs", get("REG"), "stack", get("STACK"), "local", get("LOCAL"), flush=True)
+        _, usage = sm90_compile(fn, sig, consts, num_warps=warps, **opts)
+        print(name, "regs", usage["REG"], "stack", usage["STACK"], "local", usage["LOCAL"], flush=True)
 
     bf, i32 = "*bf16", "i32"
     ints = lambda names: {n: i32 for n in names.split()}
@@ -55,12 +42,7 @@ _COMPILE = textwrap.dedent("""
 
 
 def test_decode_kernels_compile_for_sm90_without_spills():
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_child(_COMPILE)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.splitlines()]
     assert len(lines) == 10, r.stdout

@@ -265,15 +265,12 @@ def test_only_adapter_grads_when_x_needs_none():
 # so a kernel that would not build on an H100, or would need more than its 227 KB of shared memory
 # per block, fails here on a CPU machine.
 _COMPILE_FOR_H100 = r'''
-import os, re, subprocess, sys, tempfile, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys, torch
 from triton.runtime.jit import JITFunction
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
          torch.int32: "*i32", torch.int64: "*i64"}
 H100_SMEM = 232448
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 def compile_instead(self, *args, grid, warmup, **kwargs):
     bound = dict(zip([p.name for p in self.params], args), **kwargs)
@@ -282,19 +279,14 @@ def compile_instead(self, *args, grid, warmup, **kwargs):
     for p in self.params:
         v = bound[p.name]
         if p.is_constexpr:
-            sig[p.name], consts[p.name] = "constexpr", v
+            consts[p.name] = v
         elif isinstance(v, torch.Tensor):
             sig[p.name] = TYPES[v.dtype]
         else:
             sig[p.name] = "fp32" if isinstance(v, float) else "i32"
-    c = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=opts)
+    c, usage = sm90_compile(self, sig, consts, **opts)
     assert c.metadata.shared <= H100_SMEM, (self.fn.__name__, c.metadata.shared)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(c.asm["cubin"])
-    usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    regs, local = (int(re.search(pat, usage).group(1)) for pat in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+    regs, local = usage["REG"], usage["LOCAL"]
     if self.fn.__name__.startswith("_adapter"):  # the GEMM path's kernels must not spill
         assert local == 0, (self.fn.__name__, usage)
     print("compiled", self.fn.__name__, c.metadata.shared, regs, local, flush=True)
@@ -328,16 +320,14 @@ L._launch_dx(ys, bases, g, a, keys, 0.1, r, x)
 
 
 def test_kernels_compile_for_h100():
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    from tests.sm90 import SM90_HELPER, child_env
+
+    env = child_env()
     # Two shapes in two processes at once: Mixtral's q/k/v in one launch, and K % 64 != 0.
-    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_FOR_H100, case], env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", SM90_HELPER + _COMPILE_FOR_H100, case], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for case in ("mixtral_qkv", "unaligned_k")]
     compiled = []

@@ -5,11 +5,7 @@ Without a GPU the kernels run through the Triton interpreter (tests/conftest.py)
 (the interpreter's bf16 tl.dot is broken; GPU runs cover bf16), on small odd shapes: hidden sizes
 that are and are not multiples of 64, pairs that share an expert, experts nobody picks.
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from kernels import moe as K
 from kernels.nf4 import quantize_nf4
 from models.moe import SparseMoE
 from models.nf4 import replace_linears_with_nf4
+from tests.sm90 import run_child
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])  # bf16: GPU only
@@ -195,25 +192,12 @@ def test_sparse_moe_rebuilds_tables_when_weights_change():
 # ---------------------------------------------------------------------------------------------
 
 _COMPILE = textwrap.dedent("""
-    import os, re, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kernels import moe as K
     import torch
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
     def compile_(fn, sig, consts, aligned, warps, stages):
-        sig = dict(sig, **{c: "constexpr" for c in consts})
-        names = list(sig)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        return re.search(r"STACK:(\\d+)", usage).group(1), re.search(r"LOCAL:(\\d+)", usage).group(1)
+        _, usage = sm90_compile(fn, sig, consts, aligned, num_warps=warps, num_stages=stages)
+        return usage["STACK"], usage["LOCAL"]
 
     for P, dt in ((6, torch.bfloat16), (48, torch.bfloat16), (6, torch.float32)):
         ty = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
@@ -240,12 +224,7 @@ _COMPILE = textwrap.dedent("""
 
 def test_kernels_compile_for_sm90_without_spills():
     """Mixtral shapes with the default configs, compiled by Triton's own ptxas (no GPU needed)."""
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_child(_COMPILE)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.splitlines()]
     assert len(lines) == 6
