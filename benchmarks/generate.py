@@ -35,9 +35,10 @@ def measure(layers):
     assert all(len(s) == 32 for s in out[0])
     e2e = wall_median_ms(lambda: run(32))
     decode_path = str(sampling.LAST_DECODE)  # how the 32-token runs decoded (eager or CUDA graph)
+    e2e16 = wall_median_ms(lambda: run(16))
     prefill = wall_median_ms(lambda: run(1))
     r = {"layers": layers, "decode_path": decode_path, "weights_GB": weights_gb, "e2e_ms": e2e,
-         "prefill_ms": prefill, "decode_step_ms": (e2e - prefill) / 31,
+         "prefill_ms": prefill, "decode_step_ms": (e2e - prefill) / 31, "steady_step_ms": (e2e - e2e16) / 16,
          "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model
     torch.cuda.empty_cache()
@@ -57,6 +58,7 @@ def main():
     per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2
     res["L32_decode_step_ms_extrapolated"] = res["L2"]["decode_step_ms"] + 30 * per
     rows = [("ours, 32 layers measured", res[f"L{a.layers}"]["decode_step_ms"], res[f"L{a.layers}"]["e2e_ms"]),
+            ("ours, 32 layers, steady step", res[f"L{a.layers}"]["steady_step_ms"], None),
             ("ours, extrapolated from 2/4 layers", res["L32_decode_step_ms_extrapolated"], None)]
     if a.peer and not os.path.exists(a.peer):
         print(f"no peer results at {a.peer} (did benchmarks/peer_seed_stack.py finish?); ours only")

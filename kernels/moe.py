@@ -36,8 +36,12 @@ Choices, and why:
     1 and 2 round the weight as NF4 value -> x.dtype, then scale in fp32 (error of the same size
     as rounding the dequantized weight); they need 16-bit x and K % 64 == 0.
 
+For T <= 4 tokens `moe_decode` takes two CUDA-core "row kernels" instead (see their section), and
+`moe_route` replaces the router's ~7 launches (gate GEMV, softmax, top-k, renormalization) with one.
+
 Each launcher has a pure-PyTorch reference (`moe_gate_up_reference`, `moe_down_reference`,
-`moe_decode_reference`). Entry point: `moe_decode(x, weights, experts, nf4_experts)`.
+`moe_decode_reference`; `models.moe.route` for `moe_route`). Entry point:
+`moe_decode(x, weights, experts, nf4_experts)`.
 """
 from __future__ import annotations
 
@@ -263,16 +267,17 @@ def _moe_down_kernel(
 # Few tokens (T <= 4): the CUDA-core decode loop of kernels.nf4 (nf4_gemv's "fma" kernel) per expert
 # ----------------------------------------------------------------------------------------------
 # A token's top_k experts are distinct, so an expert serves at most T pairs. For T <= 4 each
-# program streams a row tile of one expert's weight once and multiplies it with the 1-4 activation
+# program streams row tiles of one expert's weights once and multiplies them with the 1-4 activation
 # rows of its pairs on the CUDA cores (a shift, a mask, a shared-memory lookup and one FMA per
 # weight element and row), instead of padding the pairs to 16 MMA columns with a wgmma wait per
 # 64-column group. The number of rows is a runtime branch, so an expert with one pair pays for one.
 #
-#   kernel A' _moe_gate_up_rows_kernel  grid (E, 2 * cdiv(I, BLOCK_N)): tiles of w1, then of w3
-#             gu[p, :I] = x_t w1_e^T,  gu[p, I:] = x_t w3_e^T   (fp32)
+#   kernel A' _moe_gate_up_rows_kernel  grid (E, cdiv(I, BLOCK_N)): the same rows of w1 and w3
+#             h[p, n] = silu(x_t w1_e[n]^T) * (x_t w3_e[n]^T), rounded to x.dtype, stored as fp32
 #   kernel B' _moe_down_rows_kernel     grid (E, cdiv(C, BLOCK_N))
-#             y[p] = weight[p] * h[p] w2_e^T, h[p] = silu(gu[p, :I]) * gu[p, I:] rounded to x.dtype
-#             (computed while loading, as the two-kernel path stores h)  -> y (1, P, C) fp32
+#             y[p] = weight[p] * h[p] w2_e^T  -> y (1, P, C) fp32
+# h is rounded to x.dtype as the MMA path stores it, but kept in fp32 words: kernel B' then loads
+# its activations with no conversion (every program of B' re-reads them from L2).
 
 
 @triton.jit
@@ -282,101 +287,117 @@ def _pair_index(offs_p, routed, rank, i):
 
 
 @triton.jit
-def _store_pairs(out_ptr, stride_p, col0, offs_n, n_mask, acc0, acc1, acc2, acc3, p0, p1, p2, p3,
-                 s0, s1, s2, s3, M: tl.constexpr):
-    """out[p_i, col0 + offs_n] = s_i * (row sums of acc_i, (BN, G) group partials) for the M pairs."""
-    tl.store(out_ptr + p0.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc0, axis=1) * s0, mask=n_mask)
-    if M > 1:
-        tl.store(out_ptr + p1.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc1, axis=1) * s1, mask=n_mask)
-    if M > 2:
-        tl.store(out_ptr + p2.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc2, axis=1) * s2, mask=n_mask)
-    if M > 3:
-        tl.store(out_ptr + p3.to(tl.int64) * stride_p + col0 + offs_n, tl.sum(acc3, axis=1) * s3, mask=n_mask)
+def _row_sums(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask, K,
+              M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+              X_AHEAD: tl.constexpr):
+    """(BN,) fp32 products of rows offs_n of one NF4 weight (K columns) with the M source rows."""
+    acc0, acc1, acc2, acc3 = nf4_rows_loop(wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask,
+                                           0, K, K, M, BLOCK_N, BLOCK_K, EVEN_N, True, 4, X_AHEAD)
+    return tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)
 
 
 @triton.jit
-def _expert_tile(
-    wp, wa, wa2, wc2, wo, table, src_ptr, stride_src, src_div, out_ptr, stride_out, col0, weight_ptr,
-    expert_ptr, e, P, offs_n, n_mask, K, I,
-    MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """One program's work: find the pairs routed to expert e (at most MAX_ROWS), run the row loop
-    for exactly that many, store. Pair p's activation row is src_ptr + (p // src_div) * stride_src."""
+def _swiglu(g, u, DTYPE: tl.constexpr):
+    """silu(g) * u rounded to DTYPE, as fp32."""
+    return (g * tl.sigmoid(g) * u).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _store_pair_row(out_ptr, p, stride_p, col0, offs_n, n_mask, v):
+    tl.store(out_ptr + p.to(tl.int64) * stride_p + col0 + offs_n, v, mask=n_mask)
+
+
+@triton.jit
+def _first_pairs(expert_ptr, e, P, BLOCK_P: tl.constexpr):
+    """How many pairs are routed to expert e, and the indices of the first four (0 past the count)."""
     offs_p = tl.arange(0, BLOCK_P)
     routed = tl.load(expert_ptr + offs_p, mask=offs_p < P, other=-1) == e
-    n = tl.sum(routed.to(tl.int32), axis=0)
-    if n > 0:
-        rank = tl.cumsum(routed.to(tl.int32), axis=0) - 1
-        p0 = _pair_index(offs_p, routed, rank, 0)
-        p1 = _pair_index(offs_p, routed, rank, 1)
-        p2 = _pair_index(offs_p, routed, rank, 2)
-        p3 = _pair_index(offs_p, routed, rank, 3)
-        src0 = src_ptr + (p0 // src_div).to(tl.int64) * stride_src
-        src1 = src_ptr + (p1 // src_div).to(tl.int64) * stride_src
-        src2 = src_ptr + (p2 // src_div).to(tl.int64) * stride_src
-        src3 = src_ptr + (p3 // src_div).to(tl.int64) * stride_src
-        s0 = 1.0
-        s1 = 1.0
-        s2 = 1.0
-        s3 = 1.0
-        if WEIGHTED:
-            s0 = tl.load(weight_ptr + p0).to(tl.float32)
-            s1 = tl.load(weight_ptr + p1).to(tl.float32)
-            s2 = tl.load(weight_ptr + p2).to(tl.float32)
-            s3 = tl.load(weight_ptr + p3).to(tl.float32)
-        for m in tl.static_range(1, MAX_ROWS + 1):  # one compiled loop per pair count
-            if n == m:
-                acc0, acc1, acc2, acc3 = nf4_rows_loop(
-                    wp, wa, wa2, wc2, wo, table, src0, src1, src2, src3, offs_n, n_mask, 0, K, K, I,
-                    m, BLOCK_N, BLOCK_K, False, True, 4, SWIGLU, DTYPE)
-                _store_pairs(out_ptr, stride_out, col0, offs_n, n_mask, acc0, acc1, acc2, acc3, p0, p1, p2, p3,
-                             s0, s1, s2, s3, m)
+    rank = tl.cumsum(routed.to(tl.int32), axis=0) - 1
+    return (tl.sum(routed.to(tl.int32), axis=0), _pair_index(offs_p, routed, rank, 0),
+            _pair_index(offs_p, routed, rank, 1), _pair_index(offs_p, routed, rank, 2),
+            _pair_index(offs_p, routed, rank, 3))
 
 
 @triton.jit
 def _moe_gate_up_rows_kernel(
-    x_ptr, expert_ptr, table_ptr, pairs_ptr, gu_ptr, P, E, stride_x,
+    x_ptr, expert_ptr, table_ptr, pairs_ptr, h_ptr, P, E, stride_x,
     I: tl.constexpr, C: tl.constexpr, TOP_K: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr, DTYPE: tl.constexpr,
+    X_AHEAD: tl.constexpr,
 ):
-    # Program (e, t): t < cdiv(I, BN) -> rows of w1 into gu[:, :I]; else rows of w3 into gu[:, I:].
+    # Program (e, n-tile): rows offs_n of w1_e and of w3_e for the pairs routed to e; pair p's
+    # activations are token p // TOP_K.
     e = tl.program_id(0)
-    n_tiles: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
-    t = tl.program_id(1)
-    up = (t >= n_tiles).to(tl.int32)
-    offs_n = (t - up * n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    fields = table_ptr + up * 5 * E
-    wp, wa, wa2, wc2, wo = _expert_fields(fields, e, E, PACKED_ALIGNED)
-    table = _nf4_nibble_table(pairs_ptr)
-    _expert_tile(wp, wa, wa2, wc2, wo, table, x_ptr, stride_x, TOP_K, gu_ptr, 2 * I, up * I, gu_ptr,
-                 expert_ptr, e, P, offs_n, offs_n < I, C, I,
-                 MAX_ROWS, BLOCK_P, BLOCK_N, BLOCK_K, False, False, tl.float32)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    n, p0, p1, p2, p3 = _first_pairs(expert_ptr, e, P, BLOCK_P)
+    if n > 0:
+        w1p, w1a, w1a2, w1c2, w1o = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+        w3p, w3a, w3a2, w3c2, w3o = _expert_fields(table_ptr + 5 * E, e, E, PACKED_ALIGNED)
+        table = _nf4_nibble_table(pairs_ptr)
+        x0 = x_ptr + (p0 // TOP_K).to(tl.int64) * stride_x
+        x1 = x_ptr + (p1 // TOP_K).to(tl.int64) * stride_x
+        x2 = x_ptr + (p2 // TOP_K).to(tl.int64) * stride_x
+        x3 = x_ptr + (p3 // TOP_K).to(tl.int64) * stride_x
+        for m in tl.static_range(1, MAX_ROWS + 1):  # one compiled pair of loops per pair count
+            if n == m:
+                g0, g1, g2, g3 = _row_sums(w1p, w1a, w1a2, w1c2, w1o, table, x0, x1, x2, x3, offs_n, n_mask, C,
+                                           m, BLOCK_N, BLOCK_K, I % BLOCK_N == 0, X_AHEAD)
+                u0, u1, u2, u3 = _row_sums(w3p, w3a, w3a2, w3c2, w3o, table, x0, x1, x2, x3, offs_n, n_mask, C,
+                                           m, BLOCK_N, BLOCK_K, I % BLOCK_N == 0, X_AHEAD)
+                _store_pair_row(h_ptr, p0, I, 0, offs_n, n_mask, _swiglu(g0, u0, DTYPE))
+                if m > 1:
+                    _store_pair_row(h_ptr, p1, I, 0, offs_n, n_mask, _swiglu(g1, u1, DTYPE))
+                if m > 2:
+                    _store_pair_row(h_ptr, p2, I, 0, offs_n, n_mask, _swiglu(g2, u2, DTYPE))
+                if m > 3:
+                    _store_pair_row(h_ptr, p3, I, 0, offs_n, n_mask, _swiglu(g3, u3, DTYPE))
 
 
 @triton.jit
 def _moe_down_rows_kernel(
-    gu_ptr, expert_ptr, weight_ptr, table_ptr, pairs_ptr, y_ptr, P, E,
+    h_ptr, expert_ptr, weight_ptr, table_ptr, pairs_ptr, y_ptr, P, E,
     I: tl.constexpr, C: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_ALIGNED: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
-    # Program (e, n-tile): rows offs_n of w2_e (C x I), for the pairs routed to e, weighted.
+    # Program (e, n-tile): rows offs_n of w2_e (C x I) for the pairs routed to e, weighted.
     e = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    wp, wa, wa2, wc2, wo = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
-    table = _nf4_nibble_table(pairs_ptr)
-    _expert_tile(wp, wa, wa2, wc2, wo, table, gu_ptr, 2 * I, 1, y_ptr, C, 0, weight_ptr,
-                 expert_ptr, e, P, offs_n, offs_n < C, I, I,
-                 MAX_ROWS, BLOCK_P, BLOCK_N, BLOCK_K, True, True, DTYPE)
+    n_mask = offs_n < C
+    n, p0, p1, p2, p3 = _first_pairs(expert_ptr, e, P, BLOCK_P)
+    if n > 0:
+        wp, wa, wa2, wc2, wo = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+        table = _nf4_nibble_table(pairs_ptr)
+        h0 = h_ptr + p0.to(tl.int64) * I
+        h1 = h_ptr + p1.to(tl.int64) * I
+        h2 = h_ptr + p2.to(tl.int64) * I
+        h3 = h_ptr + p3.to(tl.int64) * I
+        for m in tl.static_range(1, MAX_ROWS + 1):
+            if n == m:
+                y0, y1, y2, y3 = _row_sums(wp, wa, wa2, wc2, wo, table, h0, h1, h2, h3, offs_n, n_mask, I,
+                                           m, BLOCK_N, BLOCK_K, C % BLOCK_N == 0, X_AHEAD)
+                _store_pair_row(y_ptr, p0, C, 0, offs_n, n_mask, y0 * tl.load(weight_ptr + p0).to(tl.float32))
+                if m > 1:
+                    _store_pair_row(y_ptr, p1, C, 0, offs_n, n_mask, y1 * tl.load(weight_ptr + p1).to(tl.float32))
+                if m > 2:
+                    _store_pair_row(y_ptr, p2, C, 0, offs_n, n_mask, y2 * tl.load(weight_ptr + p2).to(tl.float32))
+                if m > 3:
+                    _store_pair_row(y_ptr, p3, C, 0, offs_n, n_mask, y3 * tl.load(weight_ptr + p3).to(tl.float32))
 
 
 ROWS_MAX_TOKENS = 4  # moe_decode takes the row kernels up to this many tokens (16-bit x, K % BLOCK_K == 0)
 
 
 def rows_config() -> dict:
-    """Tiles of the row kernels: nf4_gemv's fma defaults for these shapes (16 rows x 512 columns
-    per step, 4 warps; 8 rows for the down projection, whose 4096 rows give fewer tiles)."""
-    return dict(gate_up=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4), down=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4))
+    """Tiles of the row kernels: 16 rows x 512 columns per step, 4 warps (nf4_gemv's fma default).
+    X_AHEAD (kernels.nf4.nf4_rows_loop) only for the down projection: ahead of time the w1/w3
+    programs would hold more registers (241 vs 168 on sm_90) and lose occupancy. On an H100 at 3
+    tokens (6 experts) the pair takes 364 us, against 404 us for the session-2 kernels (separate
+    gate and up programs, silu computed by every down program) and 424 us with 8-row down tiles;
+    casting x to fp32 first (fewer instructions per element, twice the activation bytes per
+    program) measured slower, 378 us (benchmarks/results/ab_session3.json)."""
+    return dict(gate_up=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, X_AHEAD=False),
+                down=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, X_AHEAD=True))
 
 
 def _rows_ok(x: torch.Tensor, w: "NF4Experts") -> bool:
@@ -402,18 +423,84 @@ def moe_decode_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
     pairs = w.w1[0].tensors()[5]
-    gu = torch.empty((P, 2 * I), dtype=torch.float32, device=x.device)
-    _moe_gate_up_rows_kernel[(E, 2 * triton.cdiv(I, ca["BLOCK_N"]))](
-        x, ids, w.table13, pairs, gu, P, E, x.stride(0), I=I, C=C, TOP_K=top_k, MAX_ROWS=min(T, 4),
+    h = torch.empty((P, I), dtype=torch.float32, device=x.device)  # values rounded to x.dtype
+    dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+    _moe_gate_up_rows_kernel[(E, triton.cdiv(I, ca["BLOCK_N"]))](
+        x, ids, w.table13, pairs, h, P, E, x.stride(0), I=I, C=C, TOP_K=top_k, MAX_ROWS=min(T, 4),
         BLOCK_P=max(2, triton.next_power_of_2(P)), BLOCK_N=ca["BLOCK_N"], BLOCK_K=ca["BLOCK_K"],
-        PACKED_ALIGNED=w.packed_aligned, num_warps=ca["num_warps"], num_stages=1)
+        PACKED_ALIGNED=w.packed_aligned, DTYPE=dtype, X_AHEAD=ca["X_AHEAD"], num_warps=ca["num_warps"],
+        num_stages=1)
     y = torch.empty((1, P, C), dtype=torch.float32, device=x.device)
     _moe_down_rows_kernel[(E, triton.cdiv(C, cb["BLOCK_N"]))](
-        gu, ids, weights.reshape(-1).contiguous(), w.table2, pairs, y, P, E, I=I, C=C, MAX_ROWS=min(T, 4),
+        h, ids, weights.reshape(-1).contiguous(), w.table2, pairs, y, P, E, I=I, C=C, MAX_ROWS=min(T, 4),
         BLOCK_P=max(2, triton.next_power_of_2(P)), BLOCK_N=cb["BLOCK_N"], BLOCK_K=cb["BLOCK_K"],
-        PACKED_ALIGNED=w.packed_aligned, DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
-        num_warps=cb["num_warps"], num_stages=1)
+        PACKED_ALIGNED=w.packed_aligned, X_AHEAD=cb["X_AHEAD"], num_warps=cb["num_warps"], num_stages=1)
     return moe_combine(y, top_k, x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The router for few tokens: logits, softmax, top-k and renormalization in one launch
+# ----------------------------------------------------------------------------------------------
+# models.moe.route(gate(x)) costs ~7 launches per layer (a split-K cuBLAS GEMV and its reduction,
+# softmax, topk's two kernels, the sum, the division, the cast): ~20 us of a decode step's layer.
+
+
+@triton.jit
+def _route_kernel(x_ptr, g_ptr, w_ptr, id_ptr, C, stride_x, E: tl.constexpr, TOP_K: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, DTYPE: tl.constexpr):
+    # Program t: token t's E logits (fp32 dot products rounded to DTYPE, as nn.Linear returns them),
+    # fp32 softmax, the TOP_K largest in descending order (ties: the lower expert id), weights
+    # renormalized over the chosen ones, rounded to DTYPE.
+    t = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BLOCK_E, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        xv = tl.load(x_ptr + t * stride_x + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+        gv = tl.load(g_ptr + offs_e[:, None] * C + offs_c[None, :], mask=(offs_e[:, None] < E) & (offs_c[None, :] < C),
+                     other=0.0).to(tl.float32)
+        acc += gv * xv[None, :]
+    logits = tl.sum(acc, axis=1).to(DTYPE).to(tl.float32)  # (BE,)
+    logits = tl.where(offs_e < E, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    total = 0.0
+    left = p
+    for i in tl.static_range(TOP_K):  # the chosen probabilities' sum
+        total += tl.max(left, axis=0)
+        left = tl.where(offs_e == tl.argmax(left, axis=0, tie_break_left=True), -1.0, left)
+    left = p
+    for i in tl.static_range(TOP_K):
+        j = tl.argmax(left, axis=0, tie_break_left=True)
+        tl.store(id_ptr + t * TOP_K + i, j.to(tl.int64))
+        tl.store(w_ptr + t * TOP_K + i, (tl.max(left, axis=0) / total).to(DTYPE))
+        left = tl.where(offs_e == j, -1.0, left)
+
+
+ROUTE_MAX_TOKENS = 64  # one program per token, each reading the whole gate weight (E x C)
+ROUTE_BLOCK_C = 1024  # columns per step: few serial steps (a 256-column step took 9 us for C = 4096)
+
+
+def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """models.moe.route(x @ gate_weight^T, top_k, x.dtype) in one launch, for few tokens:
+    (T, top_k) weights in x.dtype and (T, top_k) int64 expert ids, largest first. x (T, C) and
+    gate_weight (E, C) in fp16/bf16/fp32 (the same dtype)."""
+    T, C = x.shape
+    E = gate_weight.shape[0]
+    if gate_weight.shape != (E, C) or gate_weight.dtype != x.dtype or not 0 < top_k <= E or T > ROUTE_MAX_TOKENS:
+        raise ValueError(f"moe_route: x {tuple(x.shape)} {x.dtype}, gate {tuple(gate_weight.shape)} "
+                         f"{gate_weight.dtype}, top_k {top_k}: want the same dtype, (E, C) gate, 0 < top_k <= E, "
+                         f"T <= {ROUTE_MAX_TOKENS}")
+    x = x.contiguous()
+    g = gate_weight.contiguous()
+    weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    if T:
+        _route_kernel[(T,)](x, g, weights, ids, C, x.stride(0), E=E, TOP_K=top_k,
+                            BLOCK_E=max(2, triton.next_power_of_2(E)), BLOCK_C=ROUTE_BLOCK_C,
+                            DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32),
+                            num_warps=8)
+    return weights, ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -549,7 +549,7 @@ def _nf4_decode_fma_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
     N, K, stride_xm, stride_ym, K_PER_SPLIT,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr,
+    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     # CUDA cores, 1 to 4 tokens; K % 64 == 0 and BLOCK_K % 64 == 0. Program (pid_n, pid_k) streams
     # rows offs_n over one K slice in steps of BLOCK_K // 2 bytes per row, read as int32 words
@@ -565,7 +565,7 @@ def _nf4_decode_fma_kernel(
     acc0, acc1, acc2, acc3 = nf4_rows_loop(
         w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _nf4_nibble_table(pairs_ptr),
         x_ptr, x_ptr + stride_xm, x_ptr + 2 * stride_xm, x_ptr + 3 * stride_xm, offs_n, n_mask,
-        k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), K, 0, M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, WORD_VEC, False, tl.float32)
+        k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), K, M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, WORD_VEC, X_AHEAD)
     _store_row(y_ptr, offs_n, n_mask, acc0, ATOMIC)
     if M > 1:
         _store_row(y_ptr + stride_ym, offs_n, n_mask, acc1, ATOMIC)
@@ -578,14 +578,15 @@ def _nf4_decode_fma_kernel(
 @triton.jit
 def nf4_rows_loop(
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table, src0, src1, src2, src3, offs_n, n_mask,
-    k_lo, k_hi, K, I, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr, SWIGLU: tl.constexpr, DTYPE: tl.constexpr,
+    k_lo, k_hi, K, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, WORD_VEC: tl.constexpr, X_AHEAD: tl.constexpr = False,
 ):
     """The CUDA-core decode loop, shared by nf4_gemv's fma kernel and the MoE row kernels
     (kernels/moe.py): rows offs_n of one NF4 weight (K % 64 == 0) over columns k_lo..k_hi, times M
-    (1-4) activation rows src0..src3 (the unused ones ignored; see `nf4_row_x` for SWIGLU, I,
-    DTYPE). Returns four (BN, G) fp32 per-group partial sums (G = BLOCK_K // 64), one per row.
-    table: `_nf4_nibble_table(pairs_ptr)`."""
+    (1-4) activation rows src0..src3 (any float dtype; the unused ones ignored). Returns four
+    (BN, G) fp32 per-group partial sums (G = BLOCK_K // 64), one per row. table:
+    `_nf4_nibble_table(pairs_ptr)`. X_AHEAD: load the activations one step ahead too, like the words
+    (they come from L2; without it each step waits for them)."""
     rows = offs_n.to(tl.int64)
     row_words = (K // 64) * 8  # K % 64 == 0
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words  # (BN, 1)
@@ -598,47 +599,74 @@ def nf4_rows_loop(
     acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     # The next step's words are loaded before this step's math (a hand-made pipeline: Triton does
     # not pipeline loads that feed no dot), so each warp keeps a step of DRAM reads in flight.
-    words = _load_words(w_rows, k_lo, k_hi, offs_w, n_mask, row_words, EVEN_N, EVEN_K)
+    words = _load_words(w_rows, k_lo, offs_w, n_mask, row_words, EVEN_N, EVEN_K)  # k_lo < k_hi <= K
+    x0, x1, x2, x3 = _rows_x(src0, src1, src2, src3, k_lo + offs_c, K, M, X_AHEAD)
     for k_start in range(k_lo, k_hi, BLOCK_K):
         cur = words
-        words = _load_words(w_rows, k_start + BLOCK_K, k_hi, offs_w, n_mask, row_words, EVEN_N, EVEN_K)
+        # the last step re-reads its own words (in bounds, no mask) instead of the next slice's
+        words = _load_words(w_rows, tl.where(k_start + BLOCK_K < k_hi, k_start + BLOCK_K, k_start), offs_w, n_mask,
+                            row_words, EVEN_N, EVEN_K)
+        c0, c1, c2, c3 = x0, x1, x2, x3  # this step's activations when loaded ahead
+        if X_AHEAD:
+            x0, x1, x2, x3 = _rows_x(src0, src1, src2, src3, k_start + BLOCK_K + offs_c, K, M, True)
         vals = _nf4_row_values(table, cur, BLOCK_N, BLOCK_K)  # (BN, BK) fp32, unscaled
         offs_g = k_start // 64 + tl.arange(0, G)
         scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None] * (K // 64) + offs_g[None, :],
                            n_mask[:, None] & (offs_g[None, :] < K // 64))  # (BN, G)
         offs_k = k_start + offs_c
-        acc0 += nf4_group_dots(vals, nf4_row_x(src0, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+        acc0 = _row_step(acc0, vals, scale, c0, src0, offs_k, K, BLOCK_N, BLOCK_K, X_AHEAD)
         if M > 1:
-            acc1 += nf4_group_dots(vals, nf4_row_x(src1, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+            acc1 = _row_step(acc1, vals, scale, c1, src1, offs_k, K, BLOCK_N, BLOCK_K, X_AHEAD)
         if M > 2:
-            acc2 += nf4_group_dots(vals, nf4_row_x(src2, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+            acc2 = _row_step(acc2, vals, scale, c2, src2, offs_k, K, BLOCK_N, BLOCK_K, X_AHEAD)
         if M > 3:
-            acc3 += nf4_group_dots(vals, nf4_row_x(src3, offs_k, K, I, SWIGLU, DTYPE), BLOCK_N, BLOCK_K) * scale
+            acc3 = _row_step(acc3, vals, scale, c3, src3, offs_k, K, BLOCK_N, BLOCK_K, X_AHEAD)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def nf4_row_x(src_ptr, offs_k, K, I, SWIGLU: tl.constexpr, DTYPE: tl.constexpr):
-    """(BK,) fp32 activations of one row at columns offs_k (zeros past K): the row itself, or, with
-    SWIGLU, h = silu(g) * u from an fp32 row holding g at [0, I) and u at [I, 2I), rounded to DTYPE
-    (the MoE's stored h)."""
-    if SWIGLU:
-        g = tl.load(src_ptr + offs_k, mask=offs_k < K, other=0.0)
-        u = tl.load(src_ptr + I + offs_k, mask=offs_k < K, other=0.0)
-        return (g * tl.sigmoid(g) * u).to(DTYPE).to(tl.float32)
-    else:
-        return tl.load(src_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+def _row_x(src, offs_k, K):
+    """(BK,) fp32 activations of one row at columns offs_k (zeros past K)."""
+    return tl.load(src + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_words(w_rows, k0, k_hi, offs_w, n_mask, row_words, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """(BN, W) int32 words of columns k0 ... of rows w_rows; words of a step at or past k_hi (or
-    past K, or of rows past N) read 0x77777777: code 7, zero. The word index is written as a
-    multiple of 8 so the compiler keeps the 16-byte alignment (k0 is a multiple of 64)."""
+def _rows_x(src0, src1, src2, src3, offs_k, K, M: tl.constexpr, LOAD: tl.constexpr):
+    """`_row_x` of rows src0..src(M-1); zeros (never read) for rows past M, or all without LOAD."""
+    x0 = tl.zeros(offs_k.shape, dtype=tl.float32)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if LOAD:
+        x0 = _row_x(src0, offs_k, K)
+        if M > 1:
+            x1 = _row_x(src1, offs_k, K)
+        if M > 2:
+            x2 = _row_x(src2, offs_k, K)
+        if M > 3:
+            x3 = _row_x(src3, offs_k, K)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _row_step(acc, vals, scale, x, src, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              X_AHEAD: tl.constexpr):
+    """acc (BN, G) + the group sums of vals * x, scaled; x is loaded here unless it came ahead."""
+    if not X_AHEAD:
+        x = _row_x(src, offs_k, K)
+    return acc + nf4_group_dots(vals, x, BLOCK_N, BLOCK_K) * scale
+
+
+@triton.jit
+def _load_words(w_rows, k0, offs_w, n_mask, row_words, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """(BN, W) int32 words of columns k0 ... of rows w_rows (k0 < K); words past K, or of rows
+    past N, read 0x77777777: code 7, zero. The word index is written as a multiple of 8 so the
+    compiler keeps the 16-byte alignment (k0 is a multiple of 64). With EVEN_N and EVEN_K the load
+    has no mask: no predicate and no default words to set up."""
     ow = (k0 // 64) * 8 + offs_w
-    mask = (offs_w[None, :] * 0 + k0) < k_hi  # one predicate for the whole step
-    if not EVEN_K:
-        mask = mask & (ow[None, :] < row_words)
+    if EVEN_K and EVEN_N:
+        return tl.load(w_rows + ow[None, :])
+    mask = ow[None, :] < row_words
     if not EVEN_N:
         mask = mask & n_mask[:, None]
     return tl.load(w_rows + ow[None, :], mask=mask, other=0x77777777)
@@ -765,8 +793,10 @@ def gemv_config(M: int, N: int, K: int) -> dict:
     """Decode tiles. KERNEL "fma" (CUDA cores; M <= 4, K % 64 == 0) or "mma" (tensor cores, any K,
     M <= 64). BLOCK_N None (fma): the largest of 16, 8, 4 rows that still gives WAVES programs per
     SM. SPLIT_K None: enough K slices for WAVES programs per SM. From benchmarks/nf4.py's sweep on an
-    H100 (graph-timed): fma wins at 1-2 rows, the tensor-core kernel from 3 rows on."""
-    if M <= 2 and K % BLOCKSIZE == 0:
+    H100 (graph-timed): fma wins at 1-2 rows, and at 3 rows on weights with N >= K (the attention
+    projections and w1/w3: 14.4 vs 16.0 us at 4096x4096, 38.0 vs 42.8 at 14336x4096; the tensor-core
+    kernel wins at 4096x14336, 39.0 vs 44.9; benchmarks/results/ab_session3.json)."""
+    if (M <= 2 or (M == 3 and N >= K)) and K % BLOCKSIZE == 0:
         return dict(KERNEL="fma", BLOCK_N=None, BLOCK_K=512, WORD_VEC=4, SPLIT_K=None, WAVES=3, num_warps=4,
                     num_stages=1)
     if K % BLOCKSIZE:  # the generic per-element path: small steps keep it in registers
@@ -838,7 +868,8 @@ def _gemv_plan(M: int, N: int, K: int, dtype: torch.dtype, sms: int, config: dic
     meta = dict(BLOCK_N=block_n, BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1, num_warps=c["num_warps"],
                 num_stages=c["num_stages"])
     if fma:
-        meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0, WORD_VEC=c.get("WORD_VEC", 4))
+        meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0, WORD_VEC=c.get("WORD_VEC", 4),
+                    X_AHEAD=c.get("X_AHEAD", False))
         return _nf4_decode_fma_kernel, (n_tiles, split), split, (N, K, K, N, k_per_split), meta
     meta.update(BLOCK_M=c.get("BLOCK_M") or max(16, triton.next_power_of_2(M)), K_ALIGNED=K % BLOCKSIZE == 0,
                 EVEN=_even(N, K, block_n, c["BLOCK_K"]), DOT_PRECISION=_dot_precision(dtype))

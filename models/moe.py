@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe import MAX_PAIRS, NF4Experts, moe_decode
+from kernels.moe import MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, moe_decode, moe_route
 from models.nf4 import NF4Linear
 
 
@@ -62,8 +62,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, experts = route(self.gate(x), self.top_k, x.dtype)  # (N, k), (N, k)
         nf4 = self._decode_experts(x.shape[0], x.device, x.requires_grad)
+        if nf4 is not None and self._plain_gate(x):
+            weights, experts = moe_route(x, self.gate.weight, self.top_k)  # one launch, same routing
+        else:
+            weights, experts = route(self.gate(x), self.top_k, x.dtype)  # (N, k), (N, k)
         if nf4 is not None:
             experts_nf4, dtype = nf4
             out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4).to(x.dtype)
@@ -101,6 +104,13 @@ class SparseMoE(nn.Module):
         if self.backend != "triton" and torch.device(device).type != "cuda":
             return False
         return not (requires_grad and torch.is_grad_enabled())  # no backward: training loops
+
+    def _plain_gate(self, x: torch.Tensor) -> bool:
+        """The router is a bias-free nn.Linear in x's dtype (not quantized, not wrapped): the fused
+        router kernel can replace gate + route."""
+        g = self.gate
+        return (type(g) is nn.Linear and g.bias is None and g.weight.dtype == x.dtype
+                and x.shape[0] <= ROUTE_MAX_TOKENS)
 
     def _nf4_linears(self) -> list[NF4Linear] | None:
         """w1, w3, w2 of every expert (in that order) as NF4Linear without bias and of one compute

@@ -194,6 +194,7 @@ def test_sparse_moe_rebuilds_tables_when_weights_change():
 _COMPILE = textwrap.dedent("""
     from kernels import moe as K
     import torch
+    import triton.language as tl
 
     def compile_(fn, sig, consts, aligned, warps, stages):
         _, usage = sm90_compile(fn, sig, consts, aligned, num_warps=warps, num_stages=stages)
@@ -219,6 +220,27 @@ _COMPILE = textwrap.dedent("""
                 fn, aligned = K._moe_down_kernel, ["h_ptr", "expert_ptr", "weight_ptr", "table_ptr", "lut_ptr", "y_ptr"]
             stack, local = compile_(fn, sig, consts, aligned, c["num_warps"], c["num_stages"])
             print(P, ty, name, "stack", stack, "local", local, flush=True)
+
+    # the row kernels (4 tokens: every pair-count branch) and the router, default configs
+    rc = K.rows_config()
+    ga, dn = rc["gate_up"], rc["down"]
+    common = dict(I=14336, C=4096, MAX_ROWS=4, BLOCK_P=8, PACKED_ALIGNED=True)
+    sig = dict(x_ptr="*bf16", expert_ptr="*i64", table_ptr="*i64", pairs_ptr="*i64",
+               h_ptr="*fp32", P="i32", E="i32", stride_x="i32")
+    consts = dict(common, TOP_K=2, BLOCK_N=ga["BLOCK_N"], BLOCK_K=ga["BLOCK_K"], DTYPE=tl.bfloat16, X_AHEAD=ga["X_AHEAD"])
+    stack, local = compile_(K._moe_gate_up_rows_kernel, sig, consts, ["x_ptr", "expert_ptr", "table_ptr", "pairs_ptr",
+                            "h_ptr"], ga["num_warps"], 1)
+    print(4, "bf16", "gate_up_rows", "stack", stack, "local", local, flush=True)
+    sig = dict(h_ptr="*fp32", expert_ptr="*i64", weight_ptr="*bf16", table_ptr="*i64", pairs_ptr="*i64", y_ptr="*fp32",
+               P="i32", E="i32")
+    consts = dict(common, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], X_AHEAD=dn["X_AHEAD"])
+    stack, local = compile_(K._moe_down_rows_kernel, sig, consts, ["h_ptr", "expert_ptr", "weight_ptr", "table_ptr",
+                            "pairs_ptr", "y_ptr"], dn["num_warps"], 1)
+    print(4, "bf16", "down_rows", "stack", stack, "local", local, flush=True)
+    sig = dict(x_ptr="*bf16", g_ptr="*bf16", w_ptr="*bf16", id_ptr="*i64", C="i32", stride_x="i32")
+    consts = dict(E=8, TOP_K=2, BLOCK_E=8, BLOCK_C=K.ROUTE_BLOCK_C, DTYPE=tl.bfloat16)
+    stack, local = compile_(K._route_kernel, sig, consts, ["x_ptr", "g_ptr"], 8, 1)
+    print(4, "bf16", "route", "stack", stack, "local", local, flush=True)
 """)
 
 
@@ -227,9 +249,12 @@ def test_kernels_compile_for_sm90_without_spills():
     r = run_child(_COMPILE)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.splitlines()]
-    assert len(lines) == 6
+    assert len(lines) == 9
     for line in lines:
-        assert line[4] == "0" and line[6] == "0", f"register spill: {' '.join(line)}"
+        # The row kernels: Triton 3.6 (the H100's) builds them with 168 registers and no stack;
+        # Triton 3.9 caps them at 128 registers with an 8-byte spill. Allow that, no more.
+        stack_ok = int(line[4]) <= 8 if line[2].endswith("_rows") else line[4] == "0"
+        assert stack_ok and line[6] == "0", f"register spill: {' '.join(line)}"
 
 
 # The row kernels (T <= 4 tokens, CUDA cores): every pair count per expert 1..4 takes its own
@@ -238,13 +263,13 @@ ROW_ROUTINGS = [(1, 1, None), (1, 2, None), (2, 2, [1, 3]), (3, 2, [0, 2]), (4, 
 
 
 @pytest.mark.parametrize("T,k,pool", ROW_ROUTINGS)
-@pytest.mark.parametrize("block_n,block_k", [(16, 64), (8, 128)])
-def test_row_kernels_match_reference(T, k, pool, block_n, block_k):
-    C, I = 128, 256  # both multiples of BLOCK_K; I / BLOCK_N tiles of w1, then of w3
+@pytest.mark.parametrize("block_n,block_k,x_ahead", [(16, 64, False), (8, 128, True)])
+def test_row_kernels_match_reference(T, k, pool, block_n, block_k, x_ahead):
+    C, I = 128, 256  # both multiples of BLOCK_K
     w = _experts(C, I, seed=5)
     ids, wt = _routing(T, k, seed=T + k, experts=pool)
     x = torch.randn(T, C, generator=torch.Generator().manual_seed(9)).to(DEV, torch.float16)
-    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, X_AHEAD=x_ahead)
     got = K.moe_decode(x, wt.half(), ids, w, {"kernels": "rows", "gate_up": cfg, "down": cfg})
     want = K.moe_decode_reference(x, wt.half(), ids, w)
     assert got.dtype == x.dtype and got.shape == (T, C)
@@ -270,3 +295,36 @@ def test_row_kernels_are_the_default_for_few_tokens(monkeypatch):
     assert calls.pop() == "mma"
     with pytest.raises(ValueError, match="fp16/bf16"):
         rows(torch.zeros(2, 128, device=DEV), wt, ids, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused router (logits, softmax, top-k, renormalization in one launch)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E_,k,C", [(1, 8, 2, 256), (3, 8, 2, 200), (5, 6, 3, 96), (2, 3, 1, 520)])
+def test_route_kernel_matches_route(T, E_, k, C, dtype):
+    """Same ids, weights within one rounding of dtype; E not a power of two, C not a multiple of
+    the 256-column step."""
+    from models.moe import route
+
+    g = torch.Generator().manual_seed(T * 100 + C)
+    x = torch.randn(T, C, generator=g).to(DEV, dtype)
+    w = (torch.randn(E_, C, generator=g) * 0.1).to(DEV, dtype)
+    got_w, got_ids = K.moe_route(x, w, k)
+    want_w, want_ids = route(torch.nn.functional.linear(x, w), k, dtype)
+    assert got_ids.dtype == torch.int64 and got_w.dtype == dtype and got_w.shape == (T, k)
+    assert torch.equal(got_ids, want_ids)
+    assert (got_w.float() - want_w.float()).abs().max().item() <= {torch.float32: 1e-5, torch.float16: 1e-3,
+                                                                   torch.bfloat16: 8e-3}[dtype]
+
+
+def test_route_kernel_ties_pick_the_lower_id_and_checks_inputs():
+    x = torch.zeros(2, 64, device=DEV)  # every logit 0: uniform probabilities
+    w, ids = K.moe_route(x, torch.randn(5, 64, device=DEV), 2)
+    assert ids.tolist() == [[0, 1], [0, 1]] and torch.allclose(w, torch.full_like(w, 0.5))
+    with pytest.raises(ValueError, match="same dtype"):
+        K.moe_route(x, torch.randn(5, 64, device=DEV, dtype=torch.float16), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        K.moe_route(x, torch.randn(5, 64, device=DEV), 6)

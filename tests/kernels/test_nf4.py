@@ -203,10 +203,12 @@ FMA = dict(KERNEL="fma", num_stages=1)
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_gemv_fma_every_token_count(M, dtype):
-    """One accumulator per token; N = 40 ends mid row tile, K = 192 ends mid step."""
+@pytest.mark.parametrize("x_ahead", [False, True])
+def test_gemv_fma_every_token_count(M, dtype, x_ahead):
+    """One accumulator per token; N = 40 ends mid row tile, K = 192 ends mid step; activations
+    loaded in their step or one step ahead (X_AHEAD, which reads past K: masked to zeros)."""
     x, q, w = _problem(M, 40, 192, dtype)
-    y = K.nf4_gemv(x, q, dict(FMA, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, num_warps=4))
+    y = K.nf4_gemv(x, q, dict(FMA, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, num_warps=4, X_AHEAD=x_ahead))
     assert y.dtype == dtype and y.shape == (M, 40)
     assert _rel_err(y, x.float() @ w.float().T) < TOL[dtype]
 
@@ -218,7 +220,7 @@ def test_gemv_fma_word_layouts_and_split_k(word_vec, block_k, warps, split_k):
     the 128- and 256-wide steps end past K and the hand-made prefetch runs off the slice."""
     x, q, w = _problem(2, 48, 320, torch.float16)
     y = K.nf4_gemv(x, q, dict(FMA, BLOCK_N=16, BLOCK_K=block_k, WORD_VEC=word_vec, SPLIT_K=split_k,
-                              num_warps=warps))
+                              num_warps=warps, X_AHEAD=split_k == 2))
     assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float16]
 
 
