@@ -162,7 +162,7 @@ def generate_rows(model, tok, rows, a, output_type, fmt, eos) -> list[list[str]]
     """Generate for every row in batches, appending each finished batch to the output CSV."""
     from tqdm import tqdm
 
-    from engine.sampling import generate
+    from engine.sampling import generate, release_decode_graph
 
     fmt = templates.resolve_format(tok, fmt)
     prime = templates.prime_ids(tok, output_type)
@@ -186,7 +186,8 @@ def generate_rows(model, tok, rows, a, output_type, fmt, eos) -> list[list[str]]
             try:
                 outs = generate(model, [prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
                                 samples=a.samples, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                                eos_ids=eos, pad_id=tok.pad_token_id, stream_ids=idx, on_step=count)
+                                eos_ids=eos, pad_id=tok.pad_token_id, stream_ids=idx, on_step=count,
+                                reuse_graph=True)  # batches of one cache bucket share one captured step
             except KeyboardInterrupt:
                 bar.close()
                 print(f"\n[generate] interrupted: the {len(results)} rows done so far are in {a.output}",
@@ -201,6 +202,7 @@ def generate_rows(model, tok, rows, a, output_type, fmt, eos) -> list[list[str]]
             bar.update(len(idx))
             bar.set_postfix(rows_s=f"{len(results) / elapsed:.2f}", tok_s=f"{tokens / elapsed:.1f}")
     bar.close()
+    release_decode_graph(model)
     # Rows were appended as batches finished (by length); put them back in input order.
     tmp = Path(a.output).with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -17,6 +17,9 @@ GPU time instead of ~1000 Python-issued launches. A replay runs the same kernels
 inputs as the eager step, so the tokens are the same. Where the model cannot run a step without
 the host (the MoE expert loop, taken for more than `kernels.moe.MAX_PAIRS` (token, slot) pairs or
 non-NF4 experts), or capture fails, decoding stays eager; `LAST_DECODE` says which path ran.
+With `reuse_graph=True` (engine.generate's batches) the captured step, its buffers and KV caches
+stay on the model, and a later call with the same key (rows, cache bucket, sampling settings, the
+addresses of the model's tensors) refills them in place and replays it: no warm-up step, no capture.
 """
 from __future__ import annotations
 
@@ -113,6 +116,19 @@ class _Decoder:
         self.done = torch.zeros(R, dtype=torch.bool, device=device)
         self.hit = torch.zeros(R, dtype=torch.bool, device=device)
 
+    def reset(self, mask: torch.Tensor, next_pos: torch.Tensor, first_slot: int, keys: torch.Tensor) -> None:
+        """Start a new call on these buffers (in place: a captured step keeps reading them)."""
+        self.mask.copy_(mask)
+        self.keys.copy_(keys)
+        self.pos.copy_(next_pos)
+        self.slot.fill_(first_slot)
+        self.tok.fill_(self.pad_id)
+        self.t.zero_()
+        self.out.fill_(self.pad_id)
+        self.lengths.fill_(self.out.shape[1])
+        self.done.zero_()
+        self.hit.zero_()
+
     def record(self, logits: torch.Tensor) -> None:
         """Sample token t from logits (R, V) and write it into the outputs."""
         tok = _sample(logits, self.keys, self.t, self.tok_hash, self.temperature, self.top_p)
@@ -207,23 +223,55 @@ class _GraphStep:
         return graph
 
 
+class _Reuse:
+    """What generate(reuse_graph=True) keeps on the model between calls: the captured step, its
+    decoder buffers and the KV caches it reads, valid for one key (shapes, sampling settings and
+    the addresses of every parameter and buffer)."""
+
+    def __init__(self, key: tuple, caches: list, dec: "_Decoder", runner: _GraphStep):
+        self.key, self.caches, self.dec, self.runner = key, caches, dec, runner
+
+
+CACHE_BUCKET = 64  # with reuse_graph, KV caches are sized up to a multiple of this many slots
+
+
+def _reuse_key(model, rows: int, cache_len: int, max_new_tokens: int, temperature: float, top_p: float,
+               eos: tuple, pad_id: int) -> tuple:
+    tensors = [t.data_ptr() for t in model.parameters()] + [t.data_ptr() for t in model.buffers()]
+    return (rows, cache_len, max_new_tokens, temperature, top_p, eos, pad_id, tuple(tensors))
+
+
+def release_decode_graph(model) -> None:
+    """Free what generate(reuse_graph=True) keeps on the model (graph, KV caches, buffers)."""
+    model.__dict__.pop("_decode_reuse", None)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, samples: int = 1,
              temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, eos_ids=(),
              pad_id: int = 0, stream_ids: list[int] | None = None,
-             on_step=None, cuda_graph: bool = True) -> list[list[list[int]]]:
+             on_step=None, cuda_graph: bool = True, reuse_graph: bool = False) -> list[list[list[int]]]:
     """Decode `samples` continuations of each prompt; returns tokens[row][sample] (EOS excluded).
 
     stream_ids: a stable id per prompt (e.g. its row number in the dataset) that keys its random
     stream; by default the prompt's index in this call. on_step(n_new_tokens) is called after
     every decode step (progress bars). cuda_graph: replay decode steps from a CUDA graph when the
     model is on CUDA and its step is graph-safe (else, silently, eager steps; see LAST_DECODE).
+    reuse_graph: keep the captured step (with its KV caches and buffers) on the model and replay it
+    in later calls of the same shape and settings, skipping the warm-up step and the capture; the
+    cache is sized up to a multiple of CACHE_BUCKET slots so that batches of nearby prompt lengths
+    share it. Only while the model is not changed in ways that keep its tensors' addresses (a
+    LoRA merge in place, a new backend): the key checks shapes, settings and addresses, not module
+    state. `release_decode_graph(model)` frees it.
     """
     device = next(model.parameters()).device
     B, N = len(prompts), samples
     L = max(len(p) for p in prompts)
+    S = L + max_new_tokens  # KV-cache slots
+    if reuse_graph:
+        S = -(-S // CACHE_BUCKET) * CACHE_BUCKET
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, L + max_new_tokens), dtype=torch.long, device=device)
+    mask = torch.zeros((B, S), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding
         ids[i, L - len(p):] = torch.tensor(p, device=device)
         mask[i, L - len(p):] = 1
@@ -233,9 +281,16 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
 
     why_not = "cuda_graph=False" if not cuda_graph else _graph_safe(model, B * N, device)
-    LAST_DECODE.update(cuda_graph=False, why_not=why_not)
+    LAST_DECODE.update(cuda_graph=False, why_not=why_not, reused=False)
+    reuse, key = None, None
+    if reuse_graph and why_not is None:
+        key = _reuse_key(model, B * N, S, max_new_tokens, temperature, top_p, tuple(eos.tolist()), pad_id)
+        reuse = model.__dict__.get("_decode_reuse")
+        if reuse is not None and reuse.key != key:
+            release_decode_graph(model)  # another shape or model state: free it before allocating
+            reuse = None
     runner = None
-    model.setup_kv_cache(B, L + max_new_tokens)
+    model.setup_kv_cache(B, S)
     try:
         logits = model(ids, attention_mask=mask, position_ids=pos,
                        input_pos=torch.arange(L, device=device))[:, -1]  # (B, V)
@@ -243,11 +298,20 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
             model.repeat_kv_cache(N)
             logits = logits.repeat_interleave(N, dim=0)  # (B*N, V)
             mask = mask.repeat_interleave(N, dim=0)
-        dec = _Decoder(model, mask, pos[:, -1].repeat_interleave(N) + 1, L, stream_keys(seed, streams),
-                       logits.shape[-1], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos=eos, pad_id=pad_id)
+        next_pos, keys = pos[:, -1].repeat_interleave(N) + 1, stream_keys(seed, streams)
+        if reuse is not None:  # the captured step reads these caches and buffers: refill them
+            for layer, kept in zip(model.model.layers, reuse.caches):
+                kept.k.copy_(layer.self_attn.kv_cache.k)
+                kept.v.copy_(layer.self_attn.kv_cache.v)
+                layer.self_attn.kv_cache = kept
+            dec, runner = reuse.dec, reuse.runner
+            dec.reset(mask, next_pos, L, keys)
+            LAST_DECODE.update(reused=True)
+        else:
+            dec = _Decoder(model, mask, next_pos, L, keys, logits.shape[-1], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, eos=eos, pad_id=pad_id)
+            runner = dec.step if why_not is not None else _GraphStep(dec.step, device)
         dec.record(logits)  # token 0, from the prefill's logits
-        runner = dec.step if why_not is not None else _GraphStep(dec.step, device)
         for t in range(max_new_tokens):
             if t > 0:
                 runner()
@@ -260,6 +324,9 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
             LAST_DECODE.update(cuda_graph=runner.graph is not None,
                                why_not=runner.failed or (None if runner.graph else "fewer than 3 steps"))
         out, lengths = dec.out.cpu(), dec.lengths.cpu()
+        if key is not None and reuse is None and isinstance(runner, _GraphStep) and runner.graph is not None:
+            model.__dict__["_decode_reuse"] = _Reuse(key, [layer.self_attn.kv_cache for layer in model.model.layers],
+                                                     dec, runner)
     finally:
         model.clear_kv_cache()
         del runner  # frees the graph and its memory pool

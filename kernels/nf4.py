@@ -795,7 +795,7 @@ def gemv_config(M: int, N: int, K: int) -> dict:
     SM. SPLIT_K None: enough K slices for WAVES programs per SM. From benchmarks/nf4.py's sweep on an
     H100 (graph-timed): fma wins at 1-2 rows, and at 3 rows on weights with N >= K (the attention
     projections and w1/w3: 14.4 vs 16.0 us at 4096x4096, 38.0 vs 42.8 at 14336x4096; the tensor-core
-    kernel wins at 4096x14336, 39.0 vs 44.9; benchmarks/results/ab_session3.json)."""
+    kernel wins at 4096x14336, 39.0 vs 44.9; benchmarks/results/ab_session3_call1.json)."""
     if (M <= 2 or (M == 3 and N >= K)) and K % BLOCKSIZE == 0:
         return dict(KERNEL="fma", BLOCK_N=None, BLOCK_K=512, WORD_VEC=4, SPLIT_K=None, WAVES=3, num_warps=4,
                     num_stages=1)

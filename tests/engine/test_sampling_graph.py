@@ -40,12 +40,12 @@ def test_graph_replay_equals_eager(preset):
     m = _model(preset, dtype=dtype)
     kw = dict(max_new_tokens=6, samples=3, temperature=1.0, top_p=0.9, seed=5, eos_ids=[7])
     eager = generate(m, _prompts(), cuda_graph=False, **kw)
-    assert LAST_DECODE == {"cuda_graph": False, "why_not": "cuda_graph=False"}
+    assert LAST_DECODE == {"cuda_graph": False, "why_not": "cuda_graph=False", "reused": False}
     graphed = generate(m, _prompts(), cuda_graph=True, **kw)
     if DEV == "cuda":
         assert LAST_DECODE["cuda_graph"], LAST_DECODE["why_not"]
     else:
-        assert LAST_DECODE == {"cuda_graph": False, "why_not": "not on CUDA"}
+        assert LAST_DECODE == {"cuda_graph": False, "why_not": "not on CUDA", "reused": False}
     assert graphed == eager
     assert sum(len(s) for row in eager for s in row) > 6
 
@@ -113,3 +113,49 @@ def test_decode_step_is_in_place_and_reads_nothing_back(monkeypatch):
     checks.clear()
     generate(m, _prompts(), max_new_tokens=2, cuda_graph=False)
     assert checks and checks[0][1]
+
+
+class _ReplayByCall:
+    """Stands in for _GraphStep off the GPU: 'captures' at its third call and then 'replays' by
+    calling the step it was built with, which, like a real graph, is bound to the first call's
+    decoder buffers. Counts how many were built."""
+    built = 0
+
+    def __init__(self, step, device):
+        type(self).built += 1
+        self.step, self.calls, self.graph, self.failed = step, 0, None, None
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls >= 2:
+            self.graph = True
+        self.step()
+
+
+def test_reused_graph_gives_the_tokens_of_fresh_calls(monkeypatch):
+    """generate(reuse_graph=True) keeps the captured step, its buffers and KV caches on the model and
+    refills them in later calls of the same key: prompts of other lengths (same cache bucket), other
+    seeds and stream ids give exactly the eager tokens; a new key builds a new step and frees the old."""
+    m = _model("tiny-moe")
+    if DEV != "cuda":  # no real capture here: exercise the reuse bookkeeping with a stand-in graph
+        monkeypatch.setattr(sampling, "_GraphStep", _ReplayByCall)
+        monkeypatch.setattr(sampling, "_graph_safe", lambda model, rows, device: None)
+    _ReplayByCall.built = 0
+    g = torch.Generator().manual_seed(3)
+    kw = dict(max_new_tokens=6, samples=3, temperature=1.0, top_p=0.9, eos_ids=[7])
+    calls = [([5, 9], 0), ([12, 3], 4), ([7, 7], 9)]  # prompt lengths (L + 6 <= 64: one bucket), seed
+    for i, (lengths, seed) in enumerate(calls):
+        prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
+        want = generate(m, prompts, cuda_graph=False, seed=seed, stream_ids=[i, i + 1], **kw)
+        got = generate(m, prompts, reuse_graph=True, seed=seed, stream_ids=[i, i + 1], **kw)
+        assert got == want, (i, lengths)
+        assert LAST_DECODE["cuda_graph"] and LAST_DECODE["reused"] == (i > 0)
+    kept = m.__dict__["_decode_reuse"]
+    assert m.model.layers[0].self_attn.kv_cache is None  # detached from the model between calls
+    got = generate(m, prompts, reuse_graph=True, seed=1, **dict(kw, max_new_tokens=5))  # another key
+    assert not LAST_DECODE["reused"] and m.__dict__["_decode_reuse"] is not kept
+    assert got == generate(m, prompts, cuda_graph=False, seed=1, **dict(kw, max_new_tokens=5))
+    if DEV != "cuda":
+        assert _ReplayByCall.built == 2
+    sampling.release_decode_graph(m)
+    assert "_decode_reuse" not in m.__dict__
