@@ -65,6 +65,17 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_reduce_grads(params, d: Dist) -> None:
+    """Sum the gradients of params over the ranks in one all-reduce of a flat buffer (as DDP's
+    buckets do), not one call per tensor: the adapters are many small tensors."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if d.world <= 1 or not grads:
+        return
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), d)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def barrier(d: Dist):
     if d.world > 1:
         import torch.distributed as dist
@@ -210,9 +221,7 @@ class Trainer:
             loss_sum, _ = self._loss_sum(ids, labels)
             (loss_sum / count).backward()
             total += loss_sum.item()
-        for p in self.params:  # sum over ranks: equals one process with the whole global batch
-            if p.grad is not None:
-                all_reduce_sum(p.grad, self.dist)
+        all_reduce_grads(self.params, self.dist)  # sum over ranks: one process with the whole global batch
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         for group in self.opt.param_groups:
