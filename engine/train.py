@@ -53,15 +53,24 @@ def init_distributed(device: torch.device) -> Dist:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to its current GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """t summed over the ranks, in place. NCCL reduces only GPU tensors: a CPU one (a count, a loss
+    sum) goes through this rank's GPU and back."""
     if d.world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -93,6 +102,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("device='cuda' but no GPU is visible; use --device=cpu.")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one GPU per rank
     return device
 
 
