@@ -77,12 +77,16 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 def all_reduce_grads(params, d: Dist) -> None:
     """Sum the gradients of params over the ranks in one all-reduce of a flat buffer (as DDP's
     buckets do), not one call per tensor: the adapters are many small tensors."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if d.world <= 1 or not grads:
+    if d.world <= 1:
         return
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), d)
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
+    by_kind: dict = {}  # one buffer per (dtype, device)
+    for p in params:
+        if p.grad is not None:
+            by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in by_kind.values():
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), d)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def barrier(d: Dist):
