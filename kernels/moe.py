@@ -303,8 +303,22 @@ def _swiglu(g, u, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _store_pair_row(out_ptr, p, stride_p, col0, offs_n, n_mask, v):
-    tl.store(out_ptr + p.to(tl.int64) * stride_p + col0 + offs_n, v, mask=n_mask)
+def _pair_rows(base, p0, p1, p2, p3, div, stride):
+    """Row pointers base + (p_i // div) * stride of the four pairs (div = top_k: their tokens' rows)."""
+    return (base + (p0 // div).to(tl.int64) * stride, base + (p1 // div).to(tl.int64) * stride,
+            base + (p2 // div).to(tl.int64) * stride, base + (p3 // div).to(tl.int64) * stride)
+
+
+@triton.jit
+def _store_pairs(out_ptr, stride_p, offs_n, n_mask, v0, v1, v2, v3, p0, p1, p2, p3, M: tl.constexpr):
+    """out[p_i, offs_n] = v_i (BN,) for the first M of the four pairs."""
+    tl.store(out_ptr + p0.to(tl.int64) * stride_p + offs_n, v0, mask=n_mask)
+    if M > 1:
+        tl.store(out_ptr + p1.to(tl.int64) * stride_p + offs_n, v1, mask=n_mask)
+    if M > 2:
+        tl.store(out_ptr + p2.to(tl.int64) * stride_p + offs_n, v2, mask=n_mask)
+    if M > 3:
+        tl.store(out_ptr + p3.to(tl.int64) * stride_p + offs_n, v3, mask=n_mask)
 
 
 @triton.jit
@@ -335,23 +349,15 @@ def _moe_gate_up_rows_kernel(
         w1p, w1a, w1a2, w1c2, w1o = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
         w3p, w3a, w3a2, w3c2, w3o = _expert_fields(table_ptr + 5 * E, e, E, PACKED_ALIGNED)
         table = _nf4_nibble_table(pairs_ptr)
-        x0 = x_ptr + (p0 // TOP_K).to(tl.int64) * stride_x
-        x1 = x_ptr + (p1 // TOP_K).to(tl.int64) * stride_x
-        x2 = x_ptr + (p2 // TOP_K).to(tl.int64) * stride_x
-        x3 = x_ptr + (p3 // TOP_K).to(tl.int64) * stride_x
+        x0, x1, x2, x3 = _pair_rows(x_ptr, p0, p1, p2, p3, TOP_K, stride_x)
         for m in tl.static_range(1, MAX_ROWS + 1):  # one compiled pair of loops per pair count
             if n == m:
                 g0, g1, g2, g3 = _row_sums(w1p, w1a, w1a2, w1c2, w1o, table, x0, x1, x2, x3, offs_n, n_mask, C,
                                            m, BLOCK_N, BLOCK_K, I % BLOCK_N == 0, X_AHEAD)
                 u0, u1, u2, u3 = _row_sums(w3p, w3a, w3a2, w3c2, w3o, table, x0, x1, x2, x3, offs_n, n_mask, C,
                                            m, BLOCK_N, BLOCK_K, I % BLOCK_N == 0, X_AHEAD)
-                _store_pair_row(h_ptr, p0, I, 0, offs_n, n_mask, _swiglu(g0, u0, DTYPE))
-                if m > 1:
-                    _store_pair_row(h_ptr, p1, I, 0, offs_n, n_mask, _swiglu(g1, u1, DTYPE))
-                if m > 2:
-                    _store_pair_row(h_ptr, p2, I, 0, offs_n, n_mask, _swiglu(g2, u2, DTYPE))
-                if m > 3:
-                    _store_pair_row(h_ptr, p3, I, 0, offs_n, n_mask, _swiglu(g3, u3, DTYPE))
+                _store_pairs(h_ptr, I, offs_n, n_mask, _swiglu(g0, u0, DTYPE), _swiglu(g1, u1, DTYPE),
+                             _swiglu(g2, u2, DTYPE), _swiglu(g3, u3, DTYPE), p0, p1, p2, p3, m)
 
 
 @triton.jit
@@ -368,21 +374,15 @@ def _moe_down_rows_kernel(
     if n > 0:
         wp, wa, wa2, wc2, wo = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
         table = _nf4_nibble_table(pairs_ptr)
-        h0 = h_ptr + p0.to(tl.int64) * I
-        h1 = h_ptr + p1.to(tl.int64) * I
-        h2 = h_ptr + p2.to(tl.int64) * I
-        h3 = h_ptr + p3.to(tl.int64) * I
+        h0, h1, h2, h3 = _pair_rows(h_ptr, p0, p1, p2, p3, 1, I)
         for m in tl.static_range(1, MAX_ROWS + 1):
             if n == m:
                 y0, y1, y2, y3 = _row_sums(wp, wa, wa2, wc2, wo, table, h0, h1, h2, h3, offs_n, n_mask, I,
                                            m, BLOCK_N, BLOCK_K, C % BLOCK_N == 0, X_AHEAD)
-                _store_pair_row(y_ptr, p0, C, 0, offs_n, n_mask, y0 * tl.load(weight_ptr + p0).to(tl.float32))
-                if m > 1:
-                    _store_pair_row(y_ptr, p1, C, 0, offs_n, n_mask, y1 * tl.load(weight_ptr + p1).to(tl.float32))
-                if m > 2:
-                    _store_pair_row(y_ptr, p2, C, 0, offs_n, n_mask, y2 * tl.load(weight_ptr + p2).to(tl.float32))
-                if m > 3:
-                    _store_pair_row(y_ptr, p3, C, 0, offs_n, n_mask, y3 * tl.load(weight_ptr + p3).to(tl.float32))
+                # routing weights (pairs past m read pair 0's weight; those rows are not stored)
+                s0, s1, s2, s3 = (tl.load(weight_ptr + p0).to(tl.float32), tl.load(weight_ptr + p1).to(tl.float32),
+                                  tl.load(weight_ptr + p2).to(tl.float32), tl.load(weight_ptr + p3).to(tl.float32))
+                _store_pairs(y_ptr, C, offs_n, n_mask, y0 * s0, y1 * s1, y2 * s2, y3 * s3, p0, p1, p2, p3, m)
 
 
 ROWS_MAX_TOKENS = 4  # moe_decode takes the row kernels up to this many tokens (16-bit x, K % BLOCK_K == 0)
