@@ -6,7 +6,7 @@ and a QLoRA step at v5 settings (batch 8 x 640, LoRA r16 q/k/v/o, gradient check
 paged AdamW 8-bit), then extrapolates to 32 layers from the per-layer difference. Run it in a
 process whose PYTHONPATH holds transformers 4.57 (carried as a wheel); it prints and writes JSON.
 
-Usage: python benchmarks/peer_seed_stack.py --out peer.json [--skip_train]
+Usage: python benchmarks/peer_seed_stack.py --out peer.json [--skip_train] [--skip_generate]
 """
 import argparse
 import json
@@ -39,6 +39,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="peer_seed_stack.json")
     p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_generate", action="store_true")
     a = p.parse_args()
     import bitsandbytes as bnb
     import peft
@@ -57,8 +58,9 @@ def main():
                 m.generate(prompt, do_sample=True, temperature=0.7, top_p=0.95, num_return_sequences=3,
                            max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-        r[f"L{layers}_gen_ms"] = median_ms(lambda: gen(32))
-        r[f"L{layers}_prefill_ms"] = median_ms(lambda: gen(1))
+        if not a.skip_generate:
+            r[f"L{layers}_gen_ms"] = median_ms(lambda: gen(32))
+            r[f"L{layers}_prefill_ms"] = median_ms(lambda: gen(1))
         if not a.skip_train:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -11,7 +11,7 @@ and sums the adapter gradients over the ranks once per step, as engine.train doe
 the step time and the tokens/s of all ranks together. Scaling efficiency = tokens/s with N ranks /
 (N x tokens/s with one).
 
-Usage: python benchmarks/train_step.py --out train_step.json [--peer peer.json]
+Usage: python benchmarks/train_step.py --out train_step.json [--peer peer.json] [--moe auto|loop|grouped]
        torchrun --nproc_per_node N benchmarks/train_step.py --out train_step_nN.json
 """
 import argparse
@@ -26,11 +26,18 @@ from benchmarks.mixtral_random import random_nf4_mixtral
 from engine.loss import chunked_cross_entropy
 from engine.train import Dist, all_reduce_grads, init_distributed
 from models.lora import inject_lora
+from models.moe import SparseMoE
 
 
-def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5):
+MOE_BACKENDS = {"auto": None, "loop": "reference", "grouped": "grouped"}  # --moe -> SparseMoE.backend
+
+
+def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5, moe="auto"):
     torch.cuda.empty_cache()
     model = random_nf4_mixtral(layers)
+    for m in model.modules():
+        if isinstance(m, SparseMoE):
+            m.backend = MOE_BACKENDS[moe]
     inject_lora(model, r=16, alpha=64, dropout=0.1)
     model.gradient_checkpointing = True
     model.train()
@@ -50,7 +57,7 @@ def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5):
 
     torch.cuda.reset_peak_memory_stats()
     step_ms = wall_median_ms(step, warm=2, rep=rep)
-    r = {"layers": layers, "step_ms": step_ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    r = {"layers": layers, "moe": moe, "step_ms": step_ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model, opt
     torch.cuda.empty_cache()
     if dist.main:
@@ -64,6 +71,8 @@ def main():
     p.add_argument("--peer", default=None)
     p.add_argument("--layers", default="2,4", help="two layer counts; the 32-layer step is extrapolated from them")
     p.add_argument("--rep", type=int, default=5, help="timed steps per layer count (median)")
+    p.add_argument("--moe", default="auto", choices=sorted(MOE_BACKENDS),
+                   help="the MoE experts' path: auto (the engine's choice), loop (one expert at a time), grouped")
     a = p.parse_args()
     lo, hi = (int(v) for v in a.layers.split(","))
     if "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
@@ -71,7 +80,7 @@ def main():
     dist = init_distributed(torch.device("cuda"))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "world": dist.world}
     for layers in (lo, hi):
-        res[f"L{layers}"] = measure(layers, dist=dist, rep=a.rep)
+        res[f"L{layers}"] = measure(layers, dist=dist, rep=a.rep, moe=a.moe)
     per = (res[f"L{hi}"]["step_ms"] - res[f"L{lo}"]["step_ms"]) / (hi - lo)
     res["per_layer_ms"] = per
     res["L32_step_ms_extrapolated"] = res[f"L{lo}"]["step_ms"] + (32 - lo) * per

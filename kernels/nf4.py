@@ -377,19 +377,22 @@ def nf4_dequant_tile(
 
 
 @triton.jit
-def _nf4_dequant_kernel(
-    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr,
-    n_elements, n_bytes, n_blocks,
-    BLOCKS: tl.constexpr, EVEN: tl.constexpr,
+def nf4_dequant_blocks(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, pid,
+    n_elements, n_bytes, n_blocks, BLOCKS: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # One program: BLOCKS quant blocks = BLOCKS x 32 bytes in, BLOCKS x 64 values out. 4-byte
-    # loads: a thread's 4 bytes become 8 values = one 16-byte store, so the loaded and the stored
-    # layout are the same one (16-byte loads made Triton convert layouts through shared memory).
-    # The lookups read the table's first 128-byte line (nf4_nibble): L1 hits, one wavefront a warp.
-    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (R,)
+    """Program pid's share of a dequant: BLOCKS quant blocks = BLOCKS x 32 bytes in, BLOCKS x 64
+    values out (one NF4 tensor of n_elements; `out_ptr` in its element order).
+
+    4-byte loads: a thread's 4 bytes become 8 values = one 16-byte store, so the loaded and the
+    stored layout are the same one (16-byte loads made Triton convert layouts through shared
+    memory). The lookups read the table's first 128-byte line (nf4_nibble): L1 hits, one wavefront
+    a warp. EVEN: every block of the launch is whole and inside the tensor (no masks).
+    """
+    blk = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (R,)
     offs_b = blk[:, None] * 32 + tl.max_contiguous(tl.arange(0, 32), 4)[None, :]  # (R, 32)
     offs_e = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # (R, 64)
-    if EVEN:  # every block of this launch is whole and inside the tensor
+    if EVEN:
         packed = tl.load(w_ptr + offs_b)
         scale = nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk >= 0)
     else:
@@ -402,6 +405,16 @@ def _nf4_dequant_kernel(
         tl.store(out_ptr + offs_e, vals)
     else:
         tl.store(out_ptr + offs_e, vals, mask=offs_e < n_elements)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr,
+    n_elements, n_bytes, n_blocks,
+    BLOCKS: tl.constexpr, EVEN: tl.constexpr,
+):
+    nf4_dequant_blocks(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, tl.program_id(0),
+                       n_elements, n_bytes, n_blocks, BLOCKS, EVEN)
 
 
 def dequant_config(n: int) -> dict:

@@ -4,10 +4,13 @@ Routing follows Mixtral exactly: softmax over the router logits in fp32, top-k, 
 k weights to sum to one, cast back to the activation dtype. Each expert is a SwiGLU MLP
 w2(silu(w1 x) * w3 x).
 
-Two paths compute the experts:
-  - the reference loop (any weights, any token count, the CPU path, training): tokens are grouped
-    by expert so each expert runs one dense matmul over just the rows routed to it; the group
-    sizes come to the host (a sync), so it cannot live in a CUDA graph.
+Three paths compute the experts:
+  - the reference loop (any weights, any token count, the CPU path): tokens are grouped by expert
+    so each expert runs one dense matmul over just the rows routed to it; the group sizes come to
+    the host (a sync), so it cannot live in a CUDA graph.
+  - grouped GEMMs (`kernels.moe_grouped`), on sm_90 GPUs for bf16 NF4 experts with more tokens
+    than the decode kernels take (training, prefill): one `torch._grouped_mm` per projection
+    over a transient dequantized stack of the experts, no host sync, differentiable in x.
   - the decode kernels (`kernels.moe`), on CUDA when the experts are NF4 and at most
     `kernels.moe.MAX_PAIRS` (token, slot) pairs come in without needing a gradient: two launches
     for all experts, every touched expert read once, no host sync, static shapes (graph-safe).
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe import MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, moe_decode, moe_route
+from kernels.moe_grouped import has_grouped_mm, moe_experts_grouped
 from models.nf4 import NF4Linear
 
 
@@ -46,9 +50,11 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype):
 class SparseMoE(nn.Module):
     """Mixtral's `block_sparse_moe`: a linear router `gate` and `experts.{e}`.
 
-    backend: None picks per call (decode kernels on CUDA when eligible, else the loop);
-    "reference" always loops; "triton" takes the kernels whenever the experts allow it, on any
-    device (tests run them on CPU through the Triton interpreter).
+    backend: None picks per call (decode kernels on CUDA when eligible, else grouped GEMMs where
+    `has_grouped_mm`, else the loop); "reference" always loops; "triton" takes the decode kernels
+    whenever the experts allow it, on any device (tests run them on CPU through the Triton
+    interpreter), else loops; "grouped" takes the grouped GEMMs whenever the experts allow it, on
+    any device (torch's CPU fallback of `_grouped_mm` in tests).
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
@@ -70,6 +76,8 @@ class SparseMoE(nn.Module):
         if nf4 is not None:
             experts_nf4, dtype = nf4
             out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4).to(x.dtype)
+        elif (grouped := self._grouped_experts(x)) is not None:
+            out = moe_experts_grouped(x, weights, experts, grouped)
         else:
             out = self._forward_loop(x, weights, experts)
         return out.reshape(shape)
@@ -99,7 +107,7 @@ class SparseMoE(nn.Module):
         return self._eligible(num_tokens, device, requires_grad) and self._nf4_linears() is not None
 
     def _eligible(self, num_tokens: int, device, requires_grad: bool) -> bool:
-        if self.backend == "reference" or num_tokens * self.top_k > MAX_PAIRS:
+        if self.backend in ("reference", "grouped") or num_tokens * self.top_k > MAX_PAIRS:
             return False
         if self.backend != "triton" and torch.device(device).type != "cuda":
             return False
@@ -127,17 +135,32 @@ class SparseMoE(nn.Module):
             return None
         return mods
 
-    def _decode_experts(self, num_tokens: int, device, requires_grad: bool):
-        """(NF4Experts, compute dtype) when this call takes the kernels, else None.
+    def _grouped_experts(self, x: torch.Tensor) -> NF4Experts | None:
+        """The experts' tables when this (non-decode) call takes the grouped GEMMs, else None: NF4
+        experts computing in x's dtype (so each op rounds as the loop's does), on a device where
+        `has_grouped_mm` holds or with backend "grouped"."""
+        if self.backend not in (None, "grouped"):
+            return None
+        if self.backend is None and not has_grouped_mm(x.device, x.dtype):
+            return None
+        mods = self._nf4_linears()
+        if mods is None or mods[0].compute_dtype not in (None, x.dtype):
+            return None
+        return self._experts_table(mods)
 
-        The pointer tables are built once and rebuilt only when an expert's packed buffer is
-        replaced (a reload or re-quantization); moving the module drops them (`_apply`).
-        """
+    def _decode_experts(self, num_tokens: int, device, requires_grad: bool):
+        """(NF4Experts, compute dtype) when this call takes the kernels, else None."""
         if not self._eligible(num_tokens, device, requires_grad):
             return None
         mods = self._nf4_linears()
         if mods is None:
             return None
+        return self._experts_table(mods), mods[0].compute_dtype
+
+    def _experts_table(self, mods: list[NF4Linear]) -> NF4Experts:
+        """The pointer tables of `mods` (w1, w3, w2 per expert), built once and rebuilt only when an
+        expert's packed buffer is replaced (a reload or re-quantization); moving the module drops
+        them (`_apply`)."""
         packed = [m.weight for m in mods]
         cached = self._nf4_cache
         if cached is None or len(cached[0]) != len(packed) or any(a is not b for a, b in zip(cached[0], packed)):
@@ -146,7 +169,7 @@ class SparseMoE(nn.Module):
                                    "run one step eagerly before capturing")
             q = [m.nf4 for m in mods]
             cached = self._nf4_cache = (packed, NF4Experts.build(q[0::3], q[1::3], q[2::3]))
-        return cached[1], mods[0].compute_dtype
+        return cached[1]
 
     def _apply(self, fn, recurse=True):
         self._nf4_cache = None  # moved or cast: the tables would point at the old buffers

@@ -1,0 +1,144 @@
+"""Mixtral MoE experts for many tokens (training, prefill): one grouped GEMM per projection.
+
+The expert loop (models/moe.py) runs each expert as its own dense matmuls: per layer and pass it
+brings the routing counts to the host (a sync) and issues ~14 launches per expert (gather,
+dequant, GEMM, activation, weighting, index_add, each once more in the backward), ~0.1 ms of
+host time each. At a training batch (5120 tokens, ~1280 rows per expert) the step became
+host-bound (benchmarks/NOTES.md, session 4). Here the (token, slot) pairs are sorted by expert
+once and each projection is one `torch._grouped_mm` (CUTLASS grouped GEMM on sm_90) over a
+transient stack of the E experts' weights, dequantized by one Triton launch
+(`dequantize_experts`): no host sync, three GEMM launches per pass instead of 24.
+
+Memory: the stack of one projection (E x N x K in the compute dtype, 0.94 GB for Mixtral's w1)
+lives only for one GEMM; the backward dequantizes it again rather than keeping it (as the
+expert loop's `nf4_matmul` does per expert). The frozen experts get no weight gradient.
+
+`grouped_nf4_matmul` (autograd) is the entry point; `dequantize_experts_reference` and the
+expert loop are the references.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.moe import NF4Experts, _expert_fields
+from kernels.nf4 import BLOCKSIZE, dequant_config, dequantize_nf4_reference, nf4_dequant_blocks
+
+PROJECTIONS = ("w1", "w3", "w2")
+
+
+@triton.jit
+def _dequant_experts_kernel(table_ptr, pairs_ptr, out_ptr, E, n_elements, n_bytes, n_blocks,
+                            BLOCKS: tl.constexpr, EVEN: tl.constexpr, PACKED_ALIGNED: tl.constexpr):
+    # grid (cdiv(n_blocks, BLOCKS), E): program (i, e) dequantizes blocks of expert e's weight into
+    # out[e] (every expert's weight has the same shape: n_elements values, n_bytes packed bytes).
+    e = tl.program_id(1)
+    packed, absmax, absmax2, code2, offset = _expert_fields(table_ptr, e, E, PACKED_ALIGNED)
+    nf4_dequant_blocks(packed, absmax, absmax2, code2, offset, pairs_ptr, out_ptr + e.to(tl.int64) * n_elements,
+                       tl.program_id(0), n_elements, n_bytes, n_blocks, BLOCKS, EVEN)
+
+
+def _fields(w: NF4Experts, which: str):
+    """(the NF4Tensors, their (5, E) pointer table) of projection `which`."""
+    if which not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {which!r}")
+    table = {"w1": lambda: w.table13[0], "w3": lambda: w.table13[1], "w2": lambda: w.table2}[which]()
+    return getattr(w, which), table
+
+
+def dequantize_experts(w: NF4Experts, which: str, dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
+    """(E, N, K) stack of the experts' `which` weights in `dtype`, bit-equal to dequantizing each.
+
+    backend: None = Triton on CUDA, the reference on CPU; "triton" forces the kernel (the
+    interpreter on CPU); "reference" forces PyTorch.
+    """
+    qs, table = _fields(w, which)
+    N, K = qs[0].shape
+    use_triton = backend == "triton" or (backend is None and w.device.type == "cuda")
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
+    if not use_triton:
+        return dequantize_experts_reference(w, which, dtype)
+    out = torch.empty((len(qs), N, K), dtype=dtype, device=w.device)
+    n = N * K
+    if n == 0:
+        return out
+    blocks = dequant_config(n)["blocks"]
+    n_blocks = triton.cdiv(n, BLOCKSIZE)
+    _dequant_experts_kernel[(triton.cdiv(n_blocks, blocks), len(qs))](
+        table, qs[0].tensors()[5], out, len(qs), n, qs[0].packed.numel(), n_blocks, BLOCKS=blocks,
+        EVEN=n % (blocks * BLOCKSIZE) == 0, PACKED_ALIGNED=w.packed_aligned, num_warps=dequant_config(n)["num_warps"],
+        enable_fp_fusion=False)
+    return out
+
+
+def dequantize_experts_reference(w: NF4Experts, which: str, dtype: torch.dtype) -> torch.Tensor:
+    qs, _ = _fields(w, which)
+    return torch.stack([dequantize_nf4_reference(q, dtype) for q in qs])
+
+
+def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM serves this device and dtype well: CUTLASS on sm_90+ in bf16
+    (elsewhere torch falls back to a per-group loop, or lacks the op); on CPU only when forced."""
+    if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+class _GroupedNF4Matmul(torch.autograd.Function):
+    """y (P, N) = x (P, K) @ W_e^T for the rows of each expert e (rows sorted by expert; offs (E,)
+    int32 cumulative row counts). W is frozen: the backward returns dX only."""
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Experts, which: str, offs, backend):
+        ctx.w, ctx.which, ctx.backend = w, which, backend
+        ctx.save_for_backward(offs)
+        stack = dequantize_experts(w, which, x.dtype, backend)  # (E, N, K)
+        return torch._grouped_mm(x, stack.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (offs,) = ctx.saved_tensors
+        stack = dequantize_experts(ctx.w, ctx.which, dy.dtype, ctx.backend)  # again, not kept
+        return torch._grouped_mm(dy.contiguous(), stack, offs=offs), None, None, None, None
+
+
+def grouped_nf4_matmul(x: torch.Tensor, w: NF4Experts, which: str, offs: torch.Tensor,
+                       backend: str | None = None) -> torch.Tensor:
+    """x (P, K), rows sorted by expert with offs (E,) int32 = cumulative counts -> (P, N) in x.dtype."""
+    qs, _ = _fields(w, which)
+    if x.dim() != 2 or x.shape[1] != qs[0].shape[1]:
+        raise ValueError(f"grouped_nf4_matmul: x {tuple(x.shape)} must be (rows, {qs[0].shape[1]}) for {which}")
+    if offs.shape != (len(qs),) or offs.dtype != torch.int32:
+        raise ValueError(f"grouped_nf4_matmul: offs must be ({len(qs)},) int32 cumulative counts, "
+                         f"got {tuple(offs.shape)} {offs.dtype}")
+    return _GroupedNF4Matmul.apply(x, w, which, offs, backend)
+
+
+def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
+                        backend: str | None = None) -> torch.Tensor:
+    """out (T, C) = sum_k weights[t, k] * expert_{experts[t, k]}(x[t]), differentiable in x and weights.
+
+    The per-row math is the expert loop's (each op rounds to x.dtype where the loop's does), so
+    outputs agree with it up to the GEMMs' accumulation order.
+    """
+    T, C = x.shape
+    top_k = experts.shape[-1]
+    flat = experts.reshape(-1)  # (P,)
+    order = torch.argsort(flat, stable=True)  # pairs sorted by expert
+    offs = torch.cumsum(torch.bincount(flat, minlength=w.num_experts), 0).to(torch.int32)  # (E,)
+    token_of = order // top_k  # (P,)
+    xs = x[token_of]  # (P, C)
+    g = grouped_nf4_matmul(xs, w, "w1", offs, backend)  # (P, I)
+    u = grouped_nf4_matmul(xs, w, "w3", offs, backend)
+    y = grouped_nf4_matmul(torch.nn.functional.silu(g) * u, w, "w2", offs, backend)  # (P, C)
+    y = y * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, y)
