@@ -146,6 +146,8 @@ class SparseMoE(nn.Module):
         mods = self._nf4_linears()
         if mods is None or mods[0].compute_dtype not in (None, x.dtype):
             return None
+        if self.backend is None and (mods[0].in_features % 8 or mods[0].out_features % 8):
+            return None  # the grouped GEMM needs 16-byte rows
         return self._experts_table(mods)
 
     def _decode_experts(self, num_tokens: int, device, requires_grad: bool):

@@ -109,7 +109,7 @@ def test_sparse_moe_grouped_path_matches_the_loop_with_gradients():
     assert m._nf4_cache is not None  # the grouped path built the experts' tables
 
 
-def test_sparse_moe_takes_the_grouped_path_only_where_it_serves():
+def test_sparse_moe_takes_the_grouped_path_only_where_it_serves(monkeypatch):
     m = _moe()
     x = torch.randn(20, 64)
     assert not G.has_grouped_mm(torch.device("cpu"), torch.bfloat16)  # CPU: the loop by default
@@ -122,3 +122,9 @@ def test_sparse_moe_takes_the_grouped_path_only_where_it_serves():
     dense = SparseMoE(64, 96, E, 2).to(DEV)  # experts not in NF4: the loop
     dense.backend = "grouped"
     assert dense._grouped_experts(x.to(DEV)) is None
+    # where torch's grouped GEMM serves (stubbed here), the default path needs 16-byte rows
+    import models.moe as MM
+
+    monkeypatch.setattr(MM, "has_grouped_mm", lambda device, dtype: True)
+    assert _moe(C=64, I=96)._grouped_experts(x) is not None
+    assert _moe(C=64, I=100)._grouped_experts(x) is None  # I = 100: 200-byte bf16 rows
