@@ -7,7 +7,8 @@ host time each. At a training batch (5120 tokens, ~1280 rows per expert) the ste
 host-bound (benchmarks/NOTES.md, session 4). Here the (token, slot) pairs are sorted by expert
 once and each projection is one `torch._grouped_mm` (CUTLASS grouped GEMM on sm_90) over a
 transient stack of the E experts' weights, dequantized by one Triton launch
-(`dequantize_experts`): no host sync, three GEMM launches per pass instead of 24.
+(`dequantize_experts`): no host sync (the counts come from a searchsorted on the GPU), three
+GEMM launches per pass instead of 24.
 
 Memory: the stack of one projection (E x N x K in the compute dtype, 0.94 GB for Mixtral's w1)
 lives only for one GEMM; the backward dequantizes it again rather than keeping it (as the
@@ -133,8 +134,10 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.T
     T, C = x.shape
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)  # (P,)
-    order = torch.argsort(flat, stable=True)  # pairs sorted by expert
-    offs = torch.cumsum(torch.bincount(flat, minlength=w.num_experts), 0).to(torch.int32)  # (E,)
+    sorted_ids, order = torch.sort(flat, stable=True)  # pairs sorted by expert
+    # offs[e] = pairs routed to experts <= e; searchsorted, not bincount, which syncs on CUDA
+    ids = torch.arange(w.num_experts, device=flat.device, dtype=sorted_ids.dtype)
+    offs = torch.searchsorted(sorted_ids, ids, right=True).to(torch.int32)  # (E,)
     token_of = order // top_k  # (P,)
     xs = x[token_of]  # (P, C)
     g = grouped_nf4_matmul(xs, w, "w1", offs, backend)  # (P, I)

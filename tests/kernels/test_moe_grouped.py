@@ -128,3 +128,20 @@ def test_sparse_moe_takes_the_grouped_path_only_where_it_serves(monkeypatch):
     monkeypatch.setattr(MM, "has_grouped_mm", lambda device, dtype: True)
     assert _moe(C=64, I=96)._grouped_experts(x) is not None
     assert _moe(C=64, I=100)._grouped_experts(x) is None  # I = 100: 200-byte bf16 rows
+
+
+if torch.cuda.is_available():  # a GPU-only property: CUDA ops that sync raise in "error" mode
+
+    def test_grouped_path_does_not_sync_the_host():
+        w = _experts(64, 96)
+        x = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ids = torch.stack([torch.randperm(E, device="cuda")[:2] for _ in range(40)])
+        weights = torch.softmax(torch.randn(40, 2, device="cuda"), dim=-1).to(torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = G.moe_experts_grouped(x, weights, ids, w)
+            y.backward(torch.ones_like(y))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert x.grad is not None and torch.isfinite(x.grad.float()).all()
