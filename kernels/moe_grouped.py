@@ -2,9 +2,10 @@
 
 The expert loop (models/moe.py) runs each expert as its own dense matmuls: per layer and pass it
 brings the routing counts to the host (a sync) and issues ~14 launches per expert (gather,
-dequant, GEMM, activation, weighting, index_add, each once more in the backward), ~0.1 ms of
-host time each. At a training batch (5120 tokens, ~1280 rows per expert) the step became
-host-bound (benchmarks/NOTES.md, session 4). Here the (token, slot) pairs are sorted by expert
+dequant, GEMM, activation, weighting, index_add, each once more in the backward), 25-100 us of
+host time each. A GEMM whose row count cuBLAS has not seen costs ~870 us, and the routing gives
+each expert a new row count every step. At a training batch (5120 tokens, ~1280 rows per expert)
+the step was host-bound (benchmarks/NOTES.md, session 4). Here the (token, slot) pairs are sorted by expert
 once and each projection is one `torch._grouped_mm` (CUTLASS grouped GEMM on sm_90) over a
 transient stack of the E experts' weights, dequantized by one Triton launch
 (`dequantize_experts`): no host sync (the counts come from a searchsorted on the GPU), three
