@@ -28,6 +28,7 @@ import triton.language as tl
 
 from kernels.moe import NF4Experts, _expert_fields
 from kernels.nf4 import BLOCKSIZE, dequant_config, dequantize_nf4_reference, nf4_dequant_blocks
+from kernels.swiglu import swiglu
 
 PROJECTIONS = ("w1", "w3", "w2")
 
@@ -129,8 +130,9 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.T
                         backend: str | None = None) -> torch.Tensor:
     """out (T, C) = sum_k weights[t, k] * expert_{experts[t, k]}(x[t]), differentiable in x and weights.
 
-    The per-row math is the expert loop's (each op rounds to x.dtype where the loop's does), so
-    outputs agree with it up to the GEMMs' accumulation order.
+    The per-row math is the expert loop's (each op rounds to x.dtype where the loop's does; silu(g)
+    * u through `kernels.swiglu`, which rounds as the eager ops do), so outputs agree with it up to
+    the GEMMs' accumulation order.
     """
     T, C = x.shape
     top_k = experts.shape[-1]
@@ -143,6 +145,6 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.T
     xs = x[token_of]  # (P, C)
     g = grouped_nf4_matmul(xs, w, "w1", offs, backend)  # (P, I)
     u = grouped_nf4_matmul(xs, w, "w3", offs, backend)
-    y = grouped_nf4_matmul(torch.nn.functional.silu(g) * u, w, "w2", offs, backend)  # (P, C)
+    y = grouped_nf4_matmul(swiglu(g, u, "triton" if backend == "triton" else None), w, "w2", offs, backend)  # (P, C)
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, y)
