@@ -32,13 +32,14 @@ from models.moe import SparseMoE
 MOE_BACKENDS = {"auto": None, "loop": "reference", "grouped": "grouped"}  # --moe -> SparseMoE.backend
 
 
-def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5, moe="auto"):
+def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5, moe="auto", expert_lora=False):
     torch.cuda.empty_cache()
     model = random_nf4_mixtral(layers)
     for m in model.modules():
         if isinstance(m, SparseMoE):
             m.backend = MOE_BACKENDS[moe]
-    inject_lora(model, r=16, alpha=64, dropout=0.1)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") + (("w1", "w2", "w3") if expert_lora else ())
+    inject_lora(model, r=16, alpha=64, dropout=0.1, targets=targets)
     model.gradient_checkpointing = True
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -57,7 +58,7 @@ def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5, moe="auto"):
 
     torch.cuda.reset_peak_memory_stats()
     step_ms = wall_median_ms(step, warm=2, rep=rep)
-    r = {"layers": layers, "moe": moe, "step_ms": step_ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    r = {"layers": layers, "moe": moe, "expert_lora": expert_lora, "step_ms": step_ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     del model, opt
     torch.cuda.empty_cache()
     if dist.main:
@@ -73,6 +74,7 @@ def main():
     p.add_argument("--rep", type=int, default=5, help="timed steps per layer count (median)")
     p.add_argument("--moe", default="auto", choices=sorted(MOE_BACKENDS),
                    help="the MoE experts' path: auto (the engine's choice), loop (one expert at a time), grouped")
+    p.add_argument("--expert_lora", action="store_true", help="LoRA on the experts' w1/w2/w3 too")
     a = p.parse_args()
     lo, hi = (int(v) for v in a.layers.split(","))
     if "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
@@ -80,7 +82,7 @@ def main():
     dist = init_distributed(torch.device("cuda"))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "world": dist.world}
     for layers in (lo, hi):
-        res[f"L{layers}"] = measure(layers, dist=dist, rep=a.rep, moe=a.moe)
+        res[f"L{layers}"] = measure(layers, dist=dist, rep=a.rep, moe=a.moe, expert_lora=a.expert_lora)
     per = (res[f"L{hi}"]["step_ms"] - res[f"L{lo}"]["step_ms"]) / (hi - lo)
     res["per_layer_ms"] = per
     res["L32_step_ms_extrapolated"] = res[f"L{lo}"]["step_ms"] + (32 - lo) * per

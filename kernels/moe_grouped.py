@@ -21,8 +21,10 @@ expert loop are the references.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -126,9 +128,33 @@ def grouped_nf4_matmul(x: torch.Tensor, w: NF4Experts, which: str, offs: torch.T
     return _GroupedNF4Matmul.apply(x, w, which, offs, backend)
 
 
+@dataclass
+class GroupedLoRA:
+    """LoRA adapters of one projection on all E experts: y += scale * (dropout(x) A_e^T) B_e^T for
+    the rows of expert e. A (r, K) and B (N, r) per expert are the fp32 master weights (trained);
+    the products run in x's dtype, as the GEMM path of `kernels.lora` does (QLoRA's numerics)."""
+
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    scale: float
+    dropout: float = 0.0  # 0 in eval mode
+
+    def __call__(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """xs (P, K) sorted by expert, offs (E,) -> the adapters' share (P, N) in xs.dtype."""
+        a = torch.stack(self.A).to(xs.dtype)  # (E, r, K)
+        b = torch.stack(self.B).to(xs.dtype)  # (E, N, r)
+        if self.dropout:
+            xs = F.dropout(xs, self.dropout, training=True)
+        t = torch._grouped_mm(xs, a.transpose(1, 2), offs=offs)  # (P, r)
+        return torch._grouped_mm(t, b.transpose(1, 2), offs=offs) * self.scale
+
+
 def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
-                        backend: str | None = None) -> torch.Tensor:
+                        backend: str | None = None, adapters: dict[str, GroupedLoRA] | None = None) -> torch.Tensor:
     """out (T, C) = sum_k weights[t, k] * expert_{experts[t, k]}(x[t]), differentiable in x and weights.
+
+    adapters: `GroupedLoRA` per projection name ("w1", "w3", "w2") with LoRA on the experts
+    (differentiable in their A and B too).
 
     The per-row math is the expert loop's (each op rounds to x.dtype where the loop's does; silu(g)
     * u through `kernels.swiglu`, which rounds as the eager ops do), so outputs agree with it up to
@@ -143,8 +169,14 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.T
     offs = torch.searchsorted(sorted_ids, ids, right=True).to(torch.int32)  # (E,)
     token_of = order // top_k  # (P,)
     xs = x[token_of]  # (P, C)
-    g = grouped_nf4_matmul(xs, w, "w1", offs, backend)  # (P, I)
-    u = grouped_nf4_matmul(xs, w, "w3", offs, backend)
-    y = grouped_nf4_matmul(swiglu(g, u, "triton" if backend == "triton" else None), w, "w2", offs, backend)  # (P, C)
+    adapters = adapters or {}
+
+    def project(a, which):
+        y = grouped_nf4_matmul(a, w, which, offs, backend)
+        return y if which not in adapters else y + adapters[which](a, offs)
+
+    g = project(xs, "w1")  # (P, I)
+    u = project(xs, "w3")
+    y = project(swiglu(g, u, "triton" if backend == "triton" else None), "w2")  # (P, C)
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, y)

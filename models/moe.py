@@ -10,7 +10,9 @@ Three paths compute the experts:
     the host (a sync), so it cannot live in a CUDA graph.
   - grouped GEMMs (`kernels.moe_grouped`), on sm_90 GPUs for bf16 NF4 experts with more tokens
     than the decode kernels take (training, prefill): one `torch._grouped_mm` per projection
-    over a transient dequantized stack of the experts, no host sync, differentiable in x.
+    over a transient dequantized stack of the experts, no host sync, differentiable in x. LoRA
+    adapters on the experts (unmerged) can ride along as two more grouped GEMMs per projection
+    (backend "grouped"; by default adapted experts take the loop until that is checked on a GPU).
   - the decode kernels (`kernels.moe`), on CUDA when the experts are NF4 and at most
     `kernels.moe.MAX_PAIRS` (token, slot) pairs come in without needing a gradient: two launches
     for all experts, every touched expert read once, no host sync, static shapes (graph-safe).
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe import MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, moe_decode, moe_route
-from kernels.moe_grouped import has_grouped_mm, moe_experts_grouped
+from kernels.moe_grouped import PROJECTIONS, GroupedLoRA, has_grouped_mm, moe_experts_grouped
 from models.nf4 import NF4Linear
 
 
@@ -45,6 +47,11 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype):
     weights, experts = torch.topk(probs, top_k, dim=-1)  # (N, k)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(dtype), experts
+
+
+def _is_lora(m: nn.Module) -> bool:
+    """A LoRA wrapper (models.lora.LoRALinear, duck-typed: models.lora imports nothing from here)."""
+    return hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "base")
 
 
 class SparseMoE(nn.Module):
@@ -77,7 +84,7 @@ class SparseMoE(nn.Module):
             experts_nf4, dtype = nf4
             out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4).to(x.dtype)
         elif (grouped := self._grouped_experts(x)) is not None:
-            out = moe_experts_grouped(x, weights, experts, grouped)
+            out = moe_experts_grouped(x, weights, experts, grouped[0], adapters=grouped[1])
         else:
             out = self._forward_loop(x, weights, experts)
         return out.reshape(shape)
@@ -120,13 +127,14 @@ class SparseMoE(nn.Module):
         return (type(g) is nn.Linear and g.bias is None and g.weight.dtype == x.dtype
                 and x.shape[0] <= ROUTE_MAX_TOKENS)
 
-    def _nf4_linears(self) -> list[NF4Linear] | None:
+    def _nf4_linears(self, lora: bool = False) -> list[NF4Linear] | None:
         """w1, w3, w2 of every expert (in that order) as NF4Linear without bias and of one compute
-        dtype, else None. A merged LoRA wrapper counts as its NF4 base (its forward is the base's)."""
+        dtype, else None. A merged LoRA wrapper counts as its NF4 base (its forward is the base's);
+        with `lora`, an unmerged one does too (the caller adds the adapters: `_expert_adapters`)."""
         mods = []
         for ex in self.experts:
             for m in (ex.w1, ex.w3, ex.w2):
-                if getattr(m, "merged", False):
+                if getattr(m, "merged", False) or (lora and _is_lora(m)):
                     m = getattr(m, "base", None)
                 if not isinstance(m, NF4Linear) or m.bias is not None or m.weight.is_meta:
                     return None
@@ -135,20 +143,41 @@ class SparseMoE(nn.Module):
             return None
         return mods
 
-    def _grouped_experts(self, x: torch.Tensor) -> NF4Experts | None:
-        """The experts' tables when this (non-decode) call takes the grouped GEMMs, else None: NF4
-        experts computing in x's dtype (so each op rounds as the loop's does), on a device where
-        `has_grouped_mm` holds or with backend "grouped"."""
+    def _expert_adapters(self) -> dict[str, GroupedLoRA] | None:
+        """Unmerged LoRA adapters on the experts' projections, per projection name, as `GroupedLoRA`;
+        {} when there are none, None when they cannot be grouped (a projection adapted on some
+        experts only, or with different ranks, scales or dropout)."""
+        adapters = {}
+        for which in PROJECTIONS:
+            mods = [getattr(ex, which) for ex in self.experts]
+            wrapped = [_is_lora(m) and not m.merged for m in mods]
+            if not any(wrapped):
+                continue
+            if not all(wrapped) or len({(m.r, m.scale, m.dropout_p) for m in mods}) != 1:
+                return None
+            adapters[which] = GroupedLoRA([m.lora_A.weight for m in mods], [m.lora_B.weight for m in mods],
+                                          mods[0].scale, mods[0].dropout_p if mods[0].training else 0.0)
+        return adapters
+
+    def _grouped_experts(self, x: torch.Tensor) -> tuple[NF4Experts, dict] | None:
+        """(the experts' tables, their LoRA adapters per projection) when this (non-decode) call
+        takes the grouped GEMMs, else None: NF4 experts computing in x's dtype (so each op rounds
+        as the loop's does), on a device where `has_grouped_mm` holds or with backend "grouped"."""
         if self.backend not in (None, "grouped"):
             return None
         if self.backend is None and not has_grouped_mm(x.device, x.dtype):
             return None
-        mods = self._nf4_linears()
+        mods = self._nf4_linears(lora=True)
         if mods is None or mods[0].compute_dtype not in (None, x.dtype):
             return None
         if self.backend is None and (mods[0].in_features % 8 or mods[0].out_features % 8):
             return None  # the grouped GEMM needs 16-byte rows
-        return self._experts_table(mods)
+        adapters = self._expert_adapters()
+        if adapters is None or (adapters and self.backend is None):
+            # LoRA on the experts takes the grouped GEMMs only when asked (backend "grouped"): its
+            # adapter gradients through torch's grouped GEMM are checked on CPU, not yet on a GPU
+            return None
+        return self._experts_table(mods), adapters
 
     def _decode_experts(self, num_tokens: int, device, requires_grad: bool):
         """(NF4Experts, compute dtype) when this call takes the kernels, else None."""

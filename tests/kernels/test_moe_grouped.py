@@ -145,3 +145,74 @@ if torch.cuda.is_available():  # a GPU-only property: CUDA ops that sync raise i
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+LORA_DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32  # torch's grouped GEMM: bf16 on CUDA
+LORA_TOL = 3e-2 if DEV == "cuda" else 1e-5  # bf16: the loop's few-row LoRA runs PEFT's fp32 adapter
+
+
+def _lora_moe(targets, dropout=0.0, seed=0):
+    from models.lora import inject_lora
+
+    m = _moe(seed=seed, dtype=LORA_DTYPE)
+    inject_lora(m, r=4, alpha=8, dropout=dropout, targets=targets)
+    with torch.no_grad():  # B starts at zero (PEFT's init); make the adapters count
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("targets", [("w1", "w3", "w2"), ("w1",)])
+def test_grouped_path_with_lora_on_the_experts_matches_the_loop(targets):
+    m = _lora_moe(targets)
+    x0 = torch.randn(11, 64, generator=torch.Generator().manual_seed(3)).to(DEV, LORA_DTYPE)
+    dy = torch.randn(11, 64, generator=torch.Generator().manual_seed(4)).to(DEV, LORA_DTYPE)
+    lora = [p for n, p in m.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * E * len(targets)
+    outs = {}
+    for backend in ("reference", "grouped"):
+        m.backend = backend
+        x = x0.clone().requires_grad_()
+        y = m(x)
+        y.backward(dy)
+        outs[backend] = [y.detach(), x.grad] + [p.grad.clone() for p in lora]
+        for p in lora:
+            p.grad = None
+    assert m._grouped_experts(x0)[1].keys() == set(targets)  # the grouped path took the adapters
+    for got, want in zip(outs["grouped"], outs["reference"]):
+        assert (got.float() - want.float()).abs().max() <= LORA_TOL * want.float().abs().max().clamp(min=1e-3)
+
+
+def test_grouped_path_lora_dropout_and_ungroupable_adapters():
+    m = _lora_moe(("w1", "w3"), dropout=0.3)
+    m.backend = "grouped"
+    x = torch.randn(9, 64, device=DEV, dtype=LORA_DTYPE, requires_grad=True)
+    m(x).float().sum().backward()
+    grads = [p.grad for n, p in m.named_parameters() if "lora_A" in n]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert m._grouped_experts(x)[1]["w1"].dropout == 0.3
+    m.eval()  # no dropout in eval: the loop's output
+    with torch.no_grad():
+        got = m(x)
+        m.backend = "reference"
+        want = m(x)
+    assert (got.float() - want.float()).abs().max() <= LORA_TOL * want.float().abs().max()
+    # an adapter on one expert's w1 only cannot be grouped: the loop serves it
+    from models.lora import inject_lora
+
+    single = _moe(dtype=LORA_DTYPE)
+    inject_lora(single, r=4, alpha=8, targets=("experts.0.w1",))
+    single.backend = "grouped"
+    assert single._grouped_experts(x) is None
+
+
+def test_adapted_experts_take_the_grouped_path_only_when_asked(monkeypatch):
+    import models.moe as MM
+
+    monkeypatch.setattr(MM, "has_grouped_mm", lambda device, dtype: True)
+    m = _lora_moe(("w1",))
+    x = torch.randn(5, 64, device=DEV, dtype=LORA_DTYPE)
+    assert m._grouped_experts(x) is None  # default: the loop (not yet checked on a GPU)
+    m.backend = "grouped"
+    assert set(m._grouped_experts(x)[1]) == {"w1"}
