@@ -89,19 +89,26 @@ def _moe(seed=0, C=64, I=96, dtype=torch.float32):
     return m.to(DEV, dtype).train()
 
 
-def test_sparse_moe_grouped_path_matches_the_loop_with_gradients():
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
-    m = _moe(dtype=dtype)
-    x0 = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)).to(DEV, dtype)
-    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+def _loop_and_grouped(m, x0, dy, params):
+    """{backend: [y, dx, grads of params]} for the loop ("reference") and the grouped path."""
     outs = {}
     for backend in ("reference", "grouped"):
         m.backend = backend
         x = x0.clone().requires_grad_()
         y = m(x)
         y.backward(dy)
-        outs[backend] = (y.detach(), x.grad, m.gate.weight.grad)
-        m.gate.weight.grad = None
+        outs[backend] = [y.detach(), x.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+    return outs
+
+
+def test_sparse_moe_grouped_path_matches_the_loop_with_gradients():
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    m = _moe(dtype=dtype)
+    x0 = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)).to(DEV, dtype)
+    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    outs = _loop_and_grouped(m, x0, dy, [m.gate.weight])
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for got, want in zip(outs["grouped"], outs["reference"]):
         assert got is not None and want is not None
@@ -170,15 +177,7 @@ def test_grouped_path_with_lora_on_the_experts_matches_the_loop(targets):
     dy = torch.randn(11, 64, generator=torch.Generator().manual_seed(4)).to(DEV, LORA_DTYPE)
     lora = [p for n, p in m.named_parameters() if "lora_" in n]
     assert len(lora) == 2 * E * len(targets)
-    outs = {}
-    for backend in ("reference", "grouped"):
-        m.backend = backend
-        x = x0.clone().requires_grad_()
-        y = m(x)
-        y.backward(dy)
-        outs[backend] = [y.detach(), x.grad] + [p.grad.clone() for p in lora]
-        for p in lora:
-            p.grad = None
+    outs = _loop_and_grouped(m, x0, dy, lora)
     assert m._grouped_experts(x0)[1].keys() == set(targets)  # the grouped path took the adapters
     for got, want in zip(outs["grouped"], outs["reference"]):
         assert (got.float() - want.float()).abs().max() <= LORA_TOL * want.float().abs().max().clamp(min=1e-3)
