@@ -60,12 +60,11 @@ def dequantize_experts(w: NF4Experts, which: str, dtype: torch.dtype, backend: s
     backend: None = Triton on CUDA, the reference on CPU; "triton" forces the kernel (the
     interpreter on CPU); "reference" forces PyTorch.
     """
-    qs, table = _fields(w, which)
-    N, K = qs[0].shape
-    use_triton = backend == "triton" or (backend is None and w.device.type == "cuda")
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
-    if not use_triton:
+    qs, table = _fields(w, which)
+    N, K = qs[0].shape
+    if not (backend == "triton" or (backend is None and w.device.type == "cuda")):
         return dequantize_experts_reference(w, which, dtype)
     out = torch.empty((len(qs), N, K), dtype=dtype, device=w.device)
     n = N * K
@@ -160,7 +159,6 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, experts: torch.T
     * u through `kernels.swiglu`, which rounds as the eager ops do), so outputs agree with it up to
     the GEMMs' accumulation order.
     """
-    T, C = x.shape
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)  # (P,)
     sorted_ids, order = torch.sort(flat, stable=True)  # pairs sorted by expert
