@@ -2,8 +2,15 @@
 
 The full batch of fp32 logits (B*T x V: 8 x 640 x 32000 x 4 bytes = 655 MB for Mixtral) is
 never materialized: the hidden states at labelled positions are gathered first, then the
-lm_head projection and the cross-entropy run chunk by chunk under activation checkpointing,
-so each chunk's logits live only inside its own forward or backward.
+lm_head projection and the cross-entropy run chunk by chunk, so each chunk's logits live only
+while that chunk is computed.
+
+With a frozen lm_head (LoRA) the gradient towards the hidden states is computed chunk by chunk in
+the forward itself (`_FrozenHeadCrossEntropy`): each chunk's loss and d(loss)/d(hidden) come from
+one local autograd pass, and the backward only scales the stored gradient. That costs the two
+lm_head GEMMs of plain autograd and keeps one hidden-sized gradient. The other case (a trainable
+lm_head) runs each chunk under activation checkpointing, which recomputes its logits in the
+backward: three GEMMs.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     keep = (y != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     h, y = h[keep], y[keep]
+    if torch.is_grad_enabled() and h.requires_grad and not lm_head_weight.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(h, lm_head_weight, y, chunk_size), int(y.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, y.numel(), chunk_size):
         hi, yi = h[i:i + chunk_size], y[i:i + chunk_size]
@@ -40,6 +49,29 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
         else:
             total = total + _chunk_loss_sum(hi, lm_head_weight, yi)
     return total, int(y.numel())
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) for h (N, C) and a frozen W (V, C). The forward computes dL/dh chunk
+    by chunk (the same ops as autograd through `_chunk_loss_sum`), so nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk_size):
+        total = h.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(h)  # (N, C): dL/dh for a loss gradient of 1
+        for i in range(0, y.numel(), chunk_size):
+            hi = h[i:i + chunk_size].detach().requires_grad_()
+            with torch.enable_grad():
+                loss = _chunk_loss_sum(hi, weight, y[i:i + chunk_size])
+                (grad[i:i + chunk_size],) = torch.autograd.grad(loss, hi)
+            total = total + loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return grad * dloss.to(grad.dtype), None, None, None
 
 
 def cross_entropy_reference(hidden, lm_head_weight, labels):
