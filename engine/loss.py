@@ -71,7 +71,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return grad * dloss.to(grad.dtype), None, None, None
+        return (grad.float() * dloss).to(grad.dtype), None, None, None  # one rounding
 
 
 def cross_entropy_reference(hidden, lm_head_weight, labels):
