@@ -129,6 +129,14 @@ def _pick(seg, v0, v1, v2):
 
 
 @triton.jit
+def _pick_weight(seg, w0, am0, am20, c20, off0, qm0, w1, am1, am21, c21, off1, qm1,
+                 w2, am2, am22, c22, off2, qm2):
+    """Segment seg's six weight pointers (packed, absmax, absmax2, code2, offset, qmap)."""
+    return (_pick(seg, w0, w1, w2), _pick(seg, am0, am1, am2), _pick(seg, am20, am21, am22),
+            _pick(seg, c20, c21, c22), _pick(seg, off0, off1, off2), _pick(seg, qm0, qm1, qm2))
+
+
+@triton.jit
 def _segment(pid_n, N0, N1, BLOCK_N: tl.constexpr):
     """Global n-tile -> (segment, its n-tile, first row of the segment in the concatenated B)."""
     t0 = tl.cdiv(N0, BLOCK_N)
@@ -223,12 +231,8 @@ def _lora_fwd_kernel(
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_n, GROUP_M)
     seg, tile, n_base = _segment(pid_n, N0, N1, BLOCK_N)
     N = tl.where(seg == 0, N0, tl.where(seg == 1, N1, N2))
-    w_ptr = _pick(seg, w0, w1, w2)
-    am_ptr = _pick(seg, am0, am1, am2)
-    am2_ptr = _pick(seg, am20, am21, am22)
-    c2_ptr = _pick(seg, c20, c21, c22)
-    off_ptr = _pick(seg, off0, off1, off2)
-    qm_ptr = _pick(seg, qm0, qm1, qm2)
+    w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr = _pick_weight(
+        seg, w0, am0, am20, c20, off0, qm0, w1, am1, am21, c21, off1, qm1, w2, am2, am22, c22, off2, qm2)
     y_ptr = _pick(seg, y0, y1, y2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,12 +327,8 @@ def _lora_dx_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for seg in tl.static_range(NSEG):
         dy_ptr = _pick(seg, dy0, dy1, dy2)
-        w_ptr = _pick(seg, w0, w1, w2)
-        am_ptr = _pick(seg, am0, am1, am2)
-        am2_ptr = _pick(seg, am20, am21, am22)
-        c2_ptr = _pick(seg, c20, c21, c22)
-        off_ptr = _pick(seg, off0, off1, off2)
-        qm_ptr = _pick(seg, qm0, qm1, qm2)
+        w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr = _pick_weight(
+            seg, w0, am0, am20, c20, off0, qm0, w1, am1, am21, c21, off1, qm1, w2, am2, am22, c22, off2, qm2)
         N = _pick(seg, N0, N1, N2)
         dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * N
         for n_start in range(0, N, BLOCK_N):
