@@ -85,11 +85,12 @@ def dequantize_experts_reference(w: NF4Experts, which: str, dtype: torch.dtype) 
 
 
 def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's grouped GEMM serves this device and dtype well: CUTLASS on sm_90+ in bf16
-    (elsewhere torch falls back to a per-group loop, or lacks the op); on CPU only when forced."""
+    """Whether torch's grouped GEMM serves this device and dtype well: its CUTLASS kernel in bf16 on
+    sm_90 (H100/H200), the architecture it was measured on. Elsewhere torch falls back to a
+    per-group loop or lacks the op, so the expert loop runs; on CPU the path runs only when forced."""
     if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
 
 
 @functools.lru_cache(maxsize=None)

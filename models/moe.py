@@ -8,9 +8,9 @@ Three paths compute the experts:
   - the reference loop (any weights, any token count, the CPU path): tokens are grouped by expert
     so each expert runs one dense matmul over just the rows routed to it; the group sizes come to
     the host (a sync), so it cannot live in a CUDA graph.
-  - grouped GEMMs (`kernels.moe_grouped`), on sm_90 GPUs for bf16 NF4 experts with more tokens
-    than the decode kernels take (training, prefill): one `torch._grouped_mm` per projection
-    over a transient dequantized stack of the experts, no host sync, differentiable in x. LoRA
+  - grouped GEMMs (`kernels.moe_grouped`), on sm_90 GPUs (H100/H200) for bf16 NF4 experts with
+    more tokens than the decode kernels take (training, prefill): one `torch._grouped_mm` per
+    projection over a transient dequantized stack of the experts, no host sync, differentiable in x. LoRA
     adapters on the experts (unmerged) can ride along as two more grouped GEMMs per projection
     (backend "grouped"; by default adapted experts take the loop until that is checked on a GPU).
   - the decode kernels (`kernels.moe`), on CUDA when the experts are NF4 and at most
