@@ -25,7 +25,7 @@ from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path
 from benchmarks.mixtral_random import random_nf4_mixtral
 from engine.loss import chunked_cross_entropy
 from engine.train import Dist, all_reduce_grads, init_distributed
-from models.lora import inject_lora
+from models.lora import DEFAULT_TARGETS, EXPERT_TARGETS, inject_lora
 from models.moe import SparseMoE
 
 
@@ -38,7 +38,7 @@ def measure(layers, batch=8, seq=640, dist: Dist = Dist(), rep=5, moe="auto", ex
     for m in model.modules():
         if isinstance(m, SparseMoE):
             m.backend = MOE_BACKENDS[moe]
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj") + (("w1", "w2", "w3") if expert_lora else ())
+    targets = DEFAULT_TARGETS + (EXPERT_TARGETS if expert_lora else ())
     inject_lora(model, r=16, alpha=64, dropout=0.1, targets=targets)
     model.gradient_checkpointing = True
     model.train()

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.moe import NF4Experts, _expert_fields
-from kernels.nf4 import BLOCKSIZE, dequant_config, dequantize_nf4_reference, nf4_dequant_blocks
+from kernels.nf4 import dequant_launch, dequantize_nf4_reference, nf4_dequant_blocks
 from kernels.swiglu import swiglu
 
 PROJECTIONS = ("w1", "w3", "w2")
@@ -50,8 +50,7 @@ def _fields(w: NF4Experts, which: str):
     """(the NF4Tensors, their (5, E) pointer table) of projection `which`."""
     if which not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {which!r}")
-    table = {"w1": lambda: w.table13[0], "w3": lambda: w.table13[1], "w2": lambda: w.table2}[which]()
-    return getattr(w, which), table
+    return getattr(w, which), (w.table2 if which == "w2" else w.table13[PROJECTIONS.index(which)])
 
 
 def dequantize_experts(w: NF4Experts, which: str, dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
@@ -70,12 +69,9 @@ def dequantize_experts(w: NF4Experts, which: str, dtype: torch.dtype, backend: s
     n = N * K
     if n == 0:
         return out
-    blocks = dequant_config(n)["blocks"]
-    n_blocks = triton.cdiv(n, BLOCKSIZE)
-    _dequant_experts_kernel[(triton.cdiv(n_blocks, blocks), len(qs))](
-        table, qs[0].tensors()[5], out, len(qs), n, qs[0].packed.numel(), n_blocks, BLOCKS=blocks,
-        EVEN=n % (blocks * BLOCKSIZE) == 0, PACKED_ALIGNED=w.packed_aligned, num_warps=dequant_config(n)["num_warps"],
-        enable_fp_fusion=False)
+    programs, n_blocks, meta = dequant_launch(n)
+    _dequant_experts_kernel[(programs, len(qs))](table, qs[0].tensors()[5], out, len(qs), n, qs[0].packed.numel(),
+                                                 n_blocks, PACKED_ALIGNED=w.packed_aligned, **meta)
     return out
 
 

@@ -422,19 +422,25 @@ def dequant_config(n: int) -> dict:
     return dict(blocks=64, num_warps=4)
 
 
+def dequant_launch(n: int, blocks: int | None = None, num_warps: int | None = None) -> tuple[int, int, dict]:
+    """(programs, quant blocks, launch options) of a dequant of n elements over `nf4_dequant_blocks`
+    (defaults from `dequant_config`); shared by the single-tensor and the stacked-experts launchers."""
+    c = dequant_config(n)
+    blocks = blocks or c["blocks"]
+    n_blocks = triton.cdiv(n, BLOCKSIZE)
+    meta = dict(BLOCKS=blocks, EVEN=n % (blocks * BLOCKSIZE) == 0, num_warps=num_warps or c["num_warps"],
+                enable_fp_fusion=False)
+    return triton.cdiv(n_blocks, blocks), n_blocks, meta
+
+
 def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int | None = None,
                           num_warps: int | None = None) -> torch.Tensor:
     """Triton dequant: equal to dequantize_nf4_reference bit for bit."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
     n = q.numel()
     if n:
-        c = dequant_config(n)
-        blocks, num_warps = blocks or c["blocks"], num_warps or c["num_warps"]
-        n_blocks = triton.cdiv(n, BLOCKSIZE)
-        grid = (triton.cdiv(n_blocks, blocks),)
-        _nf4_dequant_kernel[grid](*q.tensors(), out, n, q.packed.numel(), n_blocks, BLOCKS=blocks,
-                                  EVEN=n % (blocks * BLOCKSIZE) == 0, num_warps=num_warps,
-                                  enable_fp_fusion=False)
+        programs, n_blocks, meta = dequant_launch(n, blocks, num_warps)
+        _nf4_dequant_kernel[(programs,)](*q.tensors(), out, n, q.packed.numel(), n_blocks, **meta)
     return out
 
 
