@@ -56,8 +56,13 @@ def main():
     p.add_argument("--out", default="generate.json")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--peer", default=None, help="JSON written by benchmarks/peer_seed_stack.py")
+    p.add_argument("--no-tc", action="store_true", help="decode without kernels/nf4_tc.py (A/B against it)")
     a = p.parse_args()
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if a.no_tc:
+        import kernels.nf4_tc
+
+        kernels.nf4_tc.ENABLED = False
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "nf4_tc": not a.no_tc}
     for layers in (2, 4, a.layers):
         res[f"L{layers}"] = measure(layers)
     per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2

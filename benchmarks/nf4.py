@@ -10,8 +10,9 @@ Parts (--parts, comma-separated; default "correctness,dequant,gemm,decode"):
   dequant      TB/s (NF4 bytes in + bf16 bytes out), ours vs bnb.
   gemm         M = 512, 2048, 8192: ours (= nf4_matmul, the policy), the fused kernel alone, cuBLAS bf16
                on the dense weight (the ceiling) and bnb matmul_4bit; dX = dY W at M = 8192.
-  decode       M = 1, 2, 4, 8, 16: ours (nf4_matmul -> nf4_gemv), bnb (its 4-bit GEMV at M = 1) and a
-               bf16 GEMV (cuBLAS), in TB/s of NF4 bytes. Both do_bench (one call, cold L2) and
+  decode       M = 1, 2, 3, 4, 8, 16: ours (nf4_matmul -> nf4_gemv, which takes kernels/nf4_tc.py's
+               tensor-core kernel where it was measured faster), pre_tc (nf4_gemv's own kernels, without
+               that dispatch), bnb (its 4-bit GEMV at M = 1) and a bf16 GEMV (cuBLAS), in TB/s of NF4 bytes. Both do_bench (one call, cold L2) and
                "graph": calls replayed back to back from a CUDA graph over 4 weight copies (no launch
                gaps, as graph-captured decoding runs; each call reads HBM, not L2). The rate, the
                ratios and the verdict use the graph times; host_us is the host time of one eager call.
@@ -43,7 +44,7 @@ SHAPES = {  # (N, K) = (out, in)
 }
 BIG = "w1/w3 4096->14336"
 GEMM_M = (512, 2048, 8192)
-DECODE_M = (1, 2, 4, 8, 16)
+DECODE_M = (1, 2, 3, 4, 8, 16)
 COPIES = 4  # weight copies the graph timing cycles through (4 x 30 MB NF4 > 50 MB of L2)
 TARGETS = dict(dequant_TBps=2.4, gemm8192_over_cublas=1.05, decode1_TBps=2.0)
 
@@ -289,11 +290,14 @@ def main():
                             K.nf4_matmul(x, q)
                         host = (time.perf_counter() - t0) / 50 * 1e6
                         torch.cuda.synchronize()
+                    # the CUDA-core / tensor-core kernels of kernels.nf4 without the nf4_tc dispatch
+                    cuda_core = graph_us([lambda c=c: K.nf4_gemv(x, c, {}) for c in e["copies"]])
                     bf16 = 1e3 * bench(lambda: x @ w.T)
                     bf16_graph = graph_us([lambda d=d: x @ d.T for d in dense])
                     row = dict(bench="decode", shape=name, M=m, ours_us=ours, graph_us=graph, host_us=host,
                                rate=nf4_bytes(q) / (graph if isinstance(graph, float) else ours) / 1e6,
-                               unit="TB/s NF4", cublas_us=bf16, cublas_graph_us=bf16_graph)
+                               unit="TB/s NF4", cublas_us=bf16, cublas_graph_us=bf16_graph,
+                               pre_tc_graph_us=cuda_core)
                     if isinstance(graph, float) and isinstance(bf16_graph, float):
                         row["vs_cublas"] = graph / bf16_graph
                     if bnb is not None:
@@ -361,7 +365,7 @@ def main():
 
     if rows:
         print()
-        print_table(rows, ["bench", "shape", "M", "ours_us", "graph_us", "host_us", "rate", "unit", "cublas_us",
+        print_table(rows, ["bench", "shape", "M", "ours_us", "graph_us", "pre_tc_graph_us", "host_us", "rate", "unit", "cublas_us",
                            "cublas_graph_us", "vs_cublas", "fused_us", "bnb_us", "bnb_graph_us", "vs_bnb"])
     verdicts = {}
     for r in rows:

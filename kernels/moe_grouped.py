@@ -20,7 +20,6 @@ expert loop are the references.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.moe import NF4Experts, _expert_fields
-from kernels.nf4 import dequant_launch, dequantize_nf4_reference, nf4_dequant_blocks
+from kernels.nf4 import cuda_capability, dequant_launch, dequantize_nf4_reference, nf4_dequant_blocks
 from kernels.swiglu import swiglu
 
 PROJECTIONS = ("w1", "w3", "w2")
@@ -86,12 +85,7 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     per-group loop or lacks the op, so the expert loop runs; on CPU the path runs only when forced."""
     if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return cuda_capability(device) == (9, 0)
 
 
 class _GroupedNF4Matmul(torch.autograd.Function):

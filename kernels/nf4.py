@@ -865,6 +865,16 @@ def nf4_gemm_dx(dy: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> t
     return dx
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (its index, or the current one)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -910,6 +920,11 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
         raise ValueError(f"nf4_gemv handles at most {GEMV_MAX_ROWS} rows, got {M}; use nf4_gemm")
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=x.dtype, device=x.device)
+    if config is None:
+        from kernels import nf4_tc  # imports this module
+
+        if nf4_tc.preferred(x, q):  # tensor cores, 1..8 rows, sm_90 (see nf4_tc.preferred_shape)
+            return nf4_tc.nf4_gemv_tc(x, q)
     sms = _num_sms(x.device)
     plan = _default_gemv_plan(M, N, K, x.dtype, sms) if config is None else _gemv_plan(M, N, K, x.dtype, sms, config)
     kernel, grid, split, scalars, meta = plan

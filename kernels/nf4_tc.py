@@ -1,0 +1,302 @@
+"""NF4 decode GEMV on tensor cores: Y (M, N) = X (M, K) @ W^T for 1 <= M <= 8 tokens, bf16/fp16.
+
+Why: the CUDA-core decode loop (`kernels.nf4.nf4_rows_loop`) spends ~6 instructions per weight
+element (code extraction, a gather per element, an FMA per token, group sums, layout conversions)
+and reaches 1.36 TB/s of NF4 bytes at M=1; the HBM floor needs ~2 instructions per element. This
+kernel (Gluon, Triton's explicit-layout dialect) brings it to about 1.5 per element:
+
+- Tensor cores do the products: mma.m16n8k16 with W as the A operand (16 weight rows) and the
+  tokens as the 8 columns of B, so 1..8 tokens cost the same.
+- Each packed byte holds two consecutive elements (high nibble first), and an A-operand register
+  holds exactly two consecutive k's (bf16x2): one lookup per byte in a 256-entry table of bf16 pairs
+  gives the register. The table sits in shared memory replicated once per lane (entry b of lane l
+  at word 32 b + l), so a warp's 32 lookups never share a bank: byte extract, address, load.
+- The k order inside a 64-element quant group is permuted so that each thread's A registers come
+  from 8 contiguous bytes of its rows (one 8-byte load per row); x is loaded in the same order (the
+  MMA sums over k, so any order common to A and B gives the same dot product). Each group is one
+  chain of 4 MMAs, then scaled by its row's absmax: exact group scaling, as the reference does.
+
+Layout of one program: W warps x 16 rows, REP row tiles, over one K slice (split-K across
+programs with fp32 atomics). Thread (g, t) of a warp (lane 4 g + t) holds, per row tile, words
+2t and 2t+1 of the group for rows g and g + 8 W of that warp's rows: the BlockedLayout of `_words`
+lays the (REP, 16 W, 8) word tensor out exactly so, and the inline PTX takes a thread's 4 words of
+one row tile at a time (pack=4). The PTX finds the table at offset 0 of the kernel's shared memory
+(`global_smem`): the table is the kernel's only shared allocation, which the launcher checks
+(`_check_smem`).
+
+CPU (no Gluon there): `emulate` replays the kernel's index mapping in PyTorch and is tested against
+the reference; GPU tests compare the kernel itself.
+"""
+import functools
+
+import torch
+import triton
+
+from kernels.nf4 import BLOCKSIZE, NF4Tensor, _absmax_reference, _num_sms, cuda_capability, nf4_code
+
+try:  # Gluon: Triton >= 3.5 (the API this file uses is the one of Triton 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - older Triton: the caller falls back to kernels.nf4
+    gluon = gl = None
+else:  # the CTA barrier: gl.thread_barrier (Triton 3.5-3.6), gl.barrier (later)
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+MAX_TOKENS = 8  # the MMA's N
+ENABLED = True  # False: nf4_gemv keeps its own kernels (benchmarks' A/B runs, --no-tc)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_words(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(256,) int32: for byte b, NF4[b >> 4] (low half: the even element) and NF4[b & 15] (high half)
+    in `dtype` (bf16 or fp16) bits: one A-operand register per packed byte."""
+    half = nf4_code().to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = torch.arange(256)
+    return (half[b >> 4] | (half[b & 15] << 16)).to(device)
+
+
+def permuted_k(k0: int = 0) -> torch.Tensor:
+    """(64,) the weight column that feeds each logical k of a group's 4 MMAs (k0: the group's first
+    column): logical k = 16 j + 2 t + 8 s + e reads byte 8 t + 2 j + s of the group, element e."""
+    j, t, s, e = torch.meshgrid(*(torch.arange(n) for n in (4, 4, 2, 2)), indexing="ij")
+    logical = 16 * j + 2 * t + 8 * s + e
+    physical = 2 * (8 * t + 2 * j + s) + e
+    order = torch.empty(64, dtype=torch.long)
+    order[logical.flatten()] = physical.flatten()
+    return k0 + order
+
+
+def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch (fp32 accumulation): each group's A tile gathered through
+    the pair table and the k permutation, B from x in the same order, the MMA chain's sum scaled by
+    the group's absmax; returned in out_dtype (default x.dtype; the kernel's accumulator is fp32).
+    For tests on machines without a GPU."""
+    N, K = q.shape
+    M = x.shape[0]
+    table = _pair_words(x.dtype, "cpu")
+    packed = q.packed.reshape(N, K // 2).to(torch.long).cpu()
+    absmax = _absmax_reference(q).reshape(N, K // BLOCKSIZE).cpu()
+    y = torch.zeros(M, N, dtype=torch.float32)
+    order = permuted_k()
+    for g in range(K // BLOCKSIZE):
+        cols = g * BLOCKSIZE + order  # (64,) physical column of each logical k
+        pairs = table[packed[:, cols // 2]]  # (N, 64): the byte's pair, for each k
+        bits = torch.where(cols % 2 == 0, pairs & 0xFFFF, (pairs >> 16) & 0xFFFF)
+        a = bits.to(torch.int16).view(x.dtype).float()  # (N, 64) unscaled NF4, in x's dtype
+        b = x.cpu()[:, cols].float()  # (M, 64)
+        y += (b @ a.T) * absmax[:, g][None, :]
+    return y.to(out_dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+
+_LOOKUP = "prmt.b32 t, {w}, 0, {sel}; mad.lo.u32 t, t, 128, base; ld.shared.b32 {dst}, [t];"
+_MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}0, {d}1, {d}2, {d}3}}, {{a0, a1, a2, a3}}, "
+        "{{{b0}, {b1}}}, {{{c}}};")
+
+
+def _asm(ty: str) -> str:
+    """PTX for one row tile of one span, per thread (pack=8). Operands: $0-$7 accumulators out;
+    $8-$15 words (row g: w0..w3, row g + 8W: w0..w3; lanes t < 2 hold group A, t >= 2 group B);
+    $16-$31 x pairs u0..u15 for the MMAs of group A (zero on lanes t >= 2), $32-$47 the same for
+    group B (zero on t < 2); $48 / $52 the absmax codes of rows g / g + 8W (group A in the low
+    byte, B in the next); $56 / $60 their absmax2; $64 the offset; $72-$79 accumulators in.
+    Accumulator i = 4h + w holds row h, token 2t + w for w < 2 (w = 2, 3 pass through).
+    MMA j (0..7) takes bytes 2j and 2j + 1 of each row's 16, and x pairs u2j, u2j+1."""
+    body = ["{", ".reg .b32 t, base, cb, a0, a1, a2, a3;", ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3, z, s;",
+            "mov.f32 z, 0f00000000;", "mov.u32 base, %laneid;", "mov.u32 cb, global_smem;",
+            "mad.lo.u32 base, base, 4, cb;", f"add.u32 cb, cb, {TABLE_BYTES};"]
+    for j in range(8):
+        w_g, w_h = f"${8 + j // 2}", f"${12 + j // 2}"
+        lo, hi = 2 * (j % 2), 2 * (j % 2) + 1  # bytes 2j, 2j + 1 inside their word
+        for dst, w, byte in (("a0", w_g, lo), ("a1", w_h, lo), ("a2", w_g, hi), ("a3", w_h, hi)):
+            body.append(_LOOKUP.format(w=w, sel=hex(0x4440 + byte), dst=dst))
+        for d, x0 in (("e", 16), ("f", 32)):  # group A's chain, group B's chain
+            c = "z, z, z, z" if j == 0 else f"{d}0, {d}1, {d}2, {d}3"
+            body.append(_MMA.format(ty=ty, d=d, b0=f"${x0 + 2 * j}", b1=f"${x0 + 2 * j + 1}", c=c))
+    for h, (aq, a2) in enumerate((("$48", "$56"), ("$52", "$60"))):
+        for grp, (d, sel) in enumerate((("e", "0x4440"), ("f", "0x4441"))):
+            # the group's absmax, as the reference rounds it: code2[code] * absmax2, then + offset
+            body += [f"prmt.b32 t, {aq}, 0, {sel};", "mad.lo.u32 t, t, 4, cb;", "ld.shared.f32 s, [t];",
+                     f"mul.rn.f32 s, s, {a2};", "add.rn.f32 s, s, $64;"]
+            for w in (0, 1):
+                out = 4 * h + w
+                body.append(f"fma.rn.f32 ${out}, s, {d}{2 * h + w}, ${72 + out if grp == 0 else out};")
+        body += [f"mov.b32 ${4 * h + 2}, ${72 + 4 * h + 2};", f"mov.b32 ${4 * h + 3}, ${72 + 4 * h + 3};"]
+    body.append("}")
+    return "\n".join(body)
+
+
+TABLE_BYTES = 256 * 32 * 4  # the pair table: 256 byte values x 32 lanes, int32
+SHARED_BYTES = TABLE_BYTES + 256 * 4  # + code2
+ASM = {torch.bfloat16: _asm("bf16"), torch.float16: _asm("f16")}
+CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 48 + ["f"] * 24)
+_FILL_TABLE = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $8; st.shared.v4.b32 [b], {$4, $5, $6, $7}; "
+               "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
+_FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shared.b32 [b+%d], $1; mov.b32 $0, 0; }"
+               % TABLE_BYTES)
+
+if gluon is not None:
+
+    @gluon.jit
+    def _span_x(xs, x_a, x_b):
+        """A span's x pairs as the MMAs of its two groups take them: (u0..u7, u8..u15) zeroed outside
+        group A's lanes, then the same for group B."""
+        return (gl.load(xs, mask=x_a, other=0), gl.load(xs + 8, mask=x_a, other=0),
+                gl.load(xs, mask=x_b, other=0), gl.load(xs + 8, mask=x_b, other=0))
+
+    @gluon.jit
+    def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
+                       M, N, K, ITEMS_PER_PROGRAM,
+                       ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, W: gl.constexpr, REP: gl.constexpr, AHEAD: gl.constexpr,
+                       num_warps: gl.constexpr):
+        # Work: items (row tile of BN rows, span of 2 quant groups = 128 columns), tile-major; program p
+        # takes items p * ITEMS_PER_PROGRAM ... (stream-K: one wave of programs, balanced to an item),
+        # one segment per row tile it touches, each added to the fp32 y with atomics.
+        BN: gl.constexpr = REP * 16 * W
+        # (REP, 16 W, 16) int32: the words of one span of BN rows; thread (g, t) holds words 4t..4t+3
+        # (16 bytes) of rows g and g + 8 W of its warp's rows, in each row tile
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
+
+        # Shared memory, written and read only by the PTX: bytes 0..TABLE_BYTES-1 the pair table
+        # replicated per lane, then code2 (fp32). The two allocations reserve the space and are its
+        # only ones (the launcher checks the size), so where Triton places each does not matter.
+        res_table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        res_code2 = gl.allocate_shared_memory(gl.int32, [256], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])  # a warp stores 512 contiguous bytes
+        t_row = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))[:, None]
+        t_off = (t_row * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, TL))[None, :]) * 4  # (256, 32) bytes
+        gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                  [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False, pack=4)
+        CL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        c_idx = gl.arange(0, 256, layout=CL)
+        gl.inline_asm_elementwise(FILL_CODE2, "=r,r,r", [gl.load(code2_ptr.to(gl.pointer_type(gl.int32)) + c_idx),
+                                                        c_idx * 4], gl.int32, is_pure=False, pack=1)
+        _cta_barrier()
+
+        spans = K // 128
+        r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
+        r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
+        q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
+        # x of thread (g, t): token g = row % 8; elements 32 t .. 32 t + 31 of the span as pairs u0..u15,
+        # u(4h + w) in the lo tensor, u(8 + 4h + w) in the hi one (h: the thread's second row, w: word)
+        token = r2 % 8
+        x_words = x_ptr.to(gl.pointer_type(gl.int32)) + token * (K // 2) + 16 * (q1 // 4) + 4 * (r2 // (8 * W)) + q1 % 4
+        x_a = (token < M) & (q1 < 8)  # lanes t < 2: group A
+        x_b = (token < M) & (q1 >= 8)
+        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
+        y_tok = (q1 % 4 < 2) & (tok < M)
+        off = gl.load(offset_ptr)
+
+        item = gl.program_id(0) * ITEMS_PER_PROGRAM
+        end = gl.minimum(item + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * spans)
+        while item < end:
+            tile = item // spans
+            s_lo = item - tile * spans
+            s_hi = gl.minimum(spans, s_lo + (end - item))
+            rows = tile * BN + r3 * (16 * W) + r2  # (REP, 16W, 1)
+            in_rows = gl.minimum(rows, N - 1)  # rows past N read row N - 1 (in bounds); dropped at the end
+            w_rows = w_ptr.to(gl.pointer_type(gl.int32)) + in_rows.to(gl.int64) * (spans * 16) + q1
+            blk_rows = in_rows * (spans * 2)  # int32 first quant block (the launcher: N * K / 64 < 2**31)
+            aq_rows = absmax_ptr.to(gl.pointer_type(gl.int16)) + blk_rows // 2  # both groups' codes, one load
+            acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
+            # the words, codes and x of the next span are loaded before this span's math: a hand-made
+            # pipeline (AHEAD = 2: the words and codes two spans ahead)
+            words0 = gl.load(w_rows + s_lo * 16)
+            aq0 = gl.load(aq_rows + s_lo)
+            xa0, xa1, xb0, xb1 = _span_x(x_words + s_lo * 64, x_a, x_b)
+            words1, aq1 = words0, aq0
+            if AHEAD > 1:
+                words1 = gl.load(w_rows + gl.minimum(s_lo + 1, s_hi - 1) * 16)
+                aq1 = gl.load(aq_rows + gl.minimum(s_lo + 1, s_hi - 1))
+            for sp in range(s_lo, s_hi):
+                cur, cur_aq = words0, aq0
+                cxa0, cxa1, cxb0, cxb1 = xa0, xa1, xb0, xb1
+                nxt = gl.minimum(sp + AHEAD, s_hi - 1)  # the last steps re-read their own span
+                if AHEAD > 1:
+                    words0, aq0 = words1, aq1
+                    words1 = gl.load(w_rows + nxt * 16)
+                    aq1 = gl.load(aq_rows + nxt)
+                else:
+                    words0 = gl.load(w_rows + nxt * 16)
+                    aq0 = gl.load(aq_rows + nxt)
+                xa0, xa1, xb0, xb1 = _span_x(x_words + gl.minimum(sp + 1, s_hi - 1) * 64, x_a, x_b)
+                a2 = gl.load(absmax2_ptr + ((blk_rows + 2 * sp) >> 8))  # one for both groups (even blocks)
+                acc = gl.inline_asm_elementwise(
+                    ASM, CONSTRAINTS, [cur, cxa0, cxa1, cxb0, cxb1, cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
+                    gl.float32, is_pure=True, pack=8)
+            gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
+            item += s_hi - s_lo
+
+        # Uses of the reservations that never write (the offset is never NaN): without a use Triton
+        # drops them, and with this one at the end nothing else is placed in their space.
+        never = off != off
+        KL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])
+        k_cols = gl.arange(0, 32, layout=gl.SliceLayout(0, KL))[None, :]
+        gl.atomic_add(y_ptr + k_cols, res_table.slice(0, 1, dim=0).load(KL).to(gl.float32),
+                      mask=(k_cols >= 0) & never)
+        gl.atomic_add(y_ptr + c_idx, res_code2.load(CL).to(gl.float32), mask=(c_idx >= 0) & never)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = dict(W=4, REP=2, AHEAD=1, WAVES=3)
+_CHECKED: set = set()  # compiled variants whose shared memory was checked
+
+
+def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
+    """Whether nf4_gemv_tc takes this call: CUDA, bf16/fp16 x of 1..8 rows, K % 128 == 0, Gluon."""
+    N, K = q.shape
+    return (gluon is not None and x.is_cuda and x.dtype in ASM and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS
+            and K % (2 * BLOCKSIZE) == 0 and N * (K // BLOCKSIZE) < 2**31)
+
+
+def preferred_shape(M: int, N: int, K: int) -> bool:
+    """Where nf4_gemv's default takes this kernel (H100, CUDA-graph times, benchmarks/RESULTS.md
+    "Session 5"): from 2 to 8 rows on every Mixtral shape (3 rows: 22.5 vs 36.2 us at 14336x4096),
+    and at 1 row where K > N (4096x14336: 21.7 vs 26.7 us); at 1 row with N >= K the CUDA-core
+    kernel is as fast or faster (14336x4096: 22.0 vs 22.1; 4096x4096: 12.5 vs 10.3)."""
+    return K % (2 * BLOCKSIZE) == 0 and (2 <= M <= MAX_TOKENS or (M == 1 and K > N))
+
+
+def preferred(x: torch.Tensor, q: NF4Tensor) -> bool:
+    """preferred_shape on sm_90 (the architecture it was measured on), for inputs it supports."""
+    return (ENABLED and supported(x, q) and preferred_shape(x.shape[0], *q.shape)
+            and cuda_capability(x.device) == (9, 0))
+
+
+def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int, dict]:
+    """(programs, items per program, constexprs): one wave of WAVES programs per SM sharing the
+    (row tile, span) items evenly."""
+    c = dict(DEFAULT_CONFIG, **(config or {}))
+    items = triton.cdiv(N, c["REP"] * 16 * c["W"]) * (K // (2 * BLOCKSIZE))
+    per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
+    meta = dict(W=c["W"], REP=c["REP"], AHEAD=c["AHEAD"], num_warps=c["W"])
+    return triton.cdiv(items, per_program), per_program, meta
+
+
+def nf4_gemv_tc(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
+    """Y (M, N) = X (M, K) @ W^T on tensor cores, for 1 <= M <= 8 rows of bf16/fp16 (decoding)."""
+    if not supported(x, q):
+        raise ValueError(f"nf4_gemv_tc needs CUDA bf16/fp16 x of 1..{MAX_TOKENS} rows and K % 128 == 0, got "
+                         f"x {tuple(x.shape)} {x.dtype} on {x.device}, W {tuple(q.shape)}")
+    N, K = q.shape
+    M = x.shape[0]
+    x = x.contiguous()
+    programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
+    y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    compiled = _nf4_tc_kernel[(programs,)](
+        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, _pair_words(x.dtype, str(x.device)), y, M, N, K,
+        per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2, **meta)
+    key = (x.dtype, tuple(sorted(meta.items())))
+    if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
+        if compiled.metadata.shared != SHARED_BYTES:
+            raise RuntimeError(f"nf4_gemv_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
+                               f"expected only its {SHARED_BYTES} bytes of tables; its PTX would read the wrong place")
+        _CHECKED.add(key)
+    return y.to(x.dtype)

@@ -1,0 +1,305 @@
+"""The tensor-core NF4 decode GEMV (kernels/nf4_tc.py) against the reference.
+
+Gluon does not run in the Triton interpreter, so on a machine without a GPU:
+- `emulate` (the kernel's k order, pair table and group scaling in PyTorch) is compared with
+  `nf4_matmul_reference`;
+- the kernel's inline PTX is executed for one warp by a small interpreter below (32 lanes in lock
+  step, mma.m16n8k16 fragments as the PTX ISA defines them), on operand registers laid out as the
+  kernel's Gluon layouts put them, and compared with the reference: this checks the byte-to-slot
+  and x-to-slot mapping that the GPU runs, and the absmax epilogue;
+- the kernel is built for sm_90 (its shared memory must be exactly the tables the PTX owns; no
+  spills).
+On a GPU the kernel itself is compared with the reference, and nf4_gemv's dispatch is checked.
+"""
+import re
+import struct
+
+import pytest
+import torch
+
+from kernels import nf4 as K
+from kernels import nf4_tc as T
+from tests.sm90 import run_child
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(n, k, m, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = K.quantize_nf4(torch.randn(n, k, generator=g) * 0.05)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    return q, x
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,m", [(16, 128, 1), (37, 256, 3), (70, 384, 8), (5, 640, 2)])
+def test_emulation_matches_reference(n, k, m, dtype):
+    q, x = _case(n, k, m, dtype)
+    # the emulation keeps fp32 products of unscaled NF4 values; the reference rounds the scaled
+    # weight to x.dtype first: they differ by about one rounding of x.dtype
+    assert _rel(T.emulate(x, q), K.nf4_matmul_reference(x, q)) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_permuted_k_is_a_permutation_of_the_group():
+    order = T.permuted_k()
+    assert sorted(order.tolist()) == list(range(64))
+    assert torch.equal(T.permuted_k(128), order + 128)
+
+
+def test_pair_table_holds_both_nibbles_of_each_byte():
+    for dtype in (torch.bfloat16, torch.float16):
+        table = T._pair_words(dtype, "cpu")
+        code = K.nf4_code().to(dtype)
+        for b in (0x00, 0x07, 0x70, 0x3C, 0xF1, 0xFF):
+            lo = torch.tensor([table[b].item() & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
+            hi = torch.tensor([(table[b].item() >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
+            assert lo.item() == code[b >> 4].item() and hi.item() == code[b & 15].item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel's PTX, run for one warp on CPU
+# ----------------------------------------------------------------------------------------------
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _half(bits: int, dtype: torch.dtype) -> float:
+    return torch.tensor([bits & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype).float().item()
+
+
+class _Warp:
+    """Executes the straight-line PTX of kernels.nf4_tc._asm for 32 lanes in lock step. Registers
+    hold Python ints (b32) or floats (f32, rounded to fp32 after each operation)."""
+
+    def __init__(self, regs: list[dict], smem: dict, dtype: torch.dtype):
+        self.r, self.smem, self.dtype = regs, smem, dtype
+
+    def val(self, lane, tok):
+        tok = tok.strip()
+        if tok in self.r[lane]:
+            return self.r[lane][tok]
+        if tok == "%laneid":
+            return lane
+        if tok == "global_smem":
+            return 0
+        if tok.startswith("0f"):
+            return struct.unpack(">f", bytes.fromhex(tok[2:]))[0]
+        return int(tok, 0)
+
+    def run(self, asm: str):
+        for stmt in (s.strip() for s in asm.replace("\n", " ").split(";")):
+            stmt = stmt[1:].strip() if stmt.startswith("{") else stmt
+            if not stmt or stmt == "}" or stmt.startswith(".reg"):
+                continue
+            op, rest = stmt.split(None, 1)
+            if op.startswith("mma.sync"):
+                self.mma(rest)
+                continue
+            args = [a.strip() for a in re.split(r",(?![^{]*})", rest)]
+            for lane in range(32):
+                self.step(lane, op, args)
+
+    def step(self, lane, op, args):
+        r, v = self.r[lane], lambda a: self.val(lane, a)
+        dst = args[0]
+        if op in ("mov.f32", "mov.u32", "mov.b32"):
+            r[dst] = v(args[1])
+        elif op == "add.u32":
+            r[dst] = (v(args[1]) + v(args[2])) & 0xFFFFFFFF
+        elif op == "mad.lo.u32":
+            r[dst] = (v(args[1]) * v(args[2]) + v(args[3])) & 0xFFFFFFFF
+        elif op == "prmt.b32":  # only the forms the kernel uses: byte sel & 3 of a, zero-extended
+            sel = v(args[3])
+            assert sel & 0xFFF0 == 0x4440 and v(args[2]) == 0, op
+            r[dst] = (v(args[1]) >> (8 * (sel & 3))) & 0xFF
+        elif op in ("ld.shared.b32", "ld.shared.f32"):
+            r[dst] = self.smem[v(args[1].strip("[]"))]
+        elif op == "mul.rn.f32":
+            r[dst] = _f32(v(args[1]) * v(args[2]))
+        elif op == "add.rn.f32":
+            r[dst] = _f32(v(args[1]) + v(args[2]))
+        elif op == "fma.rn.f32":
+            r[dst] = _f32(v(args[1]) * v(args[2]) + v(args[3]))
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+
+    def mma(self, rest):
+        # D (16x8) = A (16x16) B (16x8) + C; lane 4g + t holds a0: A[g][2t..2t+1], a1: A[g+8][2t..],
+        # a2: A[g][2t+8..], a3: A[g+8][2t+8..]; b0: B[2t..2t+1][g], b1: B[2t+8..][g]; c0, c1:
+        # C[g][2t], C[g][2t+1]; c2, c3: row g + 8 (PTX ISA, mma.m16n8k16 fragments)
+        d, a, b, c = [[x.strip() for x in grp.split(",")] for grp in re.findall(r"{([^}]*)}", rest)]
+        A, B, C = torch.zeros(16, 16), torch.zeros(16, 8), torch.zeros(16, 8)
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                w = self.val(lane, a[i])
+                A[row, col], A[row, col + 1] = _half(w, self.dtype), _half(w >> 16, self.dtype)
+            for i, k0 in enumerate((2 * t, 2 * t + 8)):
+                w = self.val(lane, b[i])
+                B[k0, g], B[k0 + 1, g] = _half(w, self.dtype), _half(w >> 16, self.dtype)
+            for i, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                C[row, col] = self.val(lane, c[i])
+        D = A.double() @ B.double() + C.double()
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for i, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                self.r[lane][d[i]] = _f32(D[row, col].item())
+
+
+def _ptx_span(q: K.NF4Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Y (M, 16) of 16 rows over one 128-column span, by the kernel's PTX for one warp (W = 1, one
+    row tile): operand registers as the kernel's layouts give them to lane 4g + t."""
+    N, Kc = q.shape
+    assert N == 16 and Kc == 128
+    dtype = x.dtype
+    M = x.shape[0]
+    words = q.packed.view(torch.int32).view(16, 16)  # (row, word) of the span
+    x_pairs = x.view(torch.int16).to(torch.int32).view(M, 64, 2)
+    x_words = (x_pairs[..., 0] & 0xFFFF) | ((x_pairs[..., 1] & 0xFFFF) << 16)  # (M, 64) pairs of x
+    aq = q.absmax.to(torch.int32).view(16, 2)
+    a2 = q.absmax2[(torch.arange(16) * 2) // 256]
+    smem = {4 * (b * 32 + lane): T._pair_words(dtype, "cpu")[b].item() for b in range(256) for lane in range(32)}
+    smem.update({T.TABLE_BYTES + 4 * c: q.code2[c].item() for c in range(256)})
+    regs = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        r = {}
+        for h, row in enumerate((g, g + 8)):
+            for w in range(4):
+                r[f"${8 + 4 * h + w}"] = words[row, 4 * t + w].item() & 0xFFFFFFFF
+            r[f"${48 + 4 * h}"] = aq[row, 0].item() | (aq[row, 1].item() << 8)
+            r[f"${56 + 4 * h}"] = a2[row].item()
+        u = [x_words[g, 16 * t + i].item() & 0xFFFFFFFF if g < M else 0 for i in range(16)]
+        for i in range(16):
+            r[f"${16 + i}"] = u[i] if t < 2 else 0  # group A's MMAs
+            r[f"${32 + i}"] = u[i] if t >= 2 else 0  # group B's
+        r["$64"] = q.offset.item()
+        for i in range(8):
+            r[f"${72 + i}"] = 0.0
+        regs.append(r)
+    _Warp(regs, smem, dtype).run(T.ASM[dtype])
+    y = torch.zeros(M, 16)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for h, row in enumerate((g, g + 8)):
+            for w in range(2):
+                if 2 * t + w < M:
+                    y[2 * t + w, row] = regs[lane][f"${4 * h + w}"]
+    return y
+
+
+@pytest.mark.parametrize("dtype,m", [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.float16, 8)])
+def test_kernel_ptx_on_one_warp_matches_reference(dtype, m):
+    q, x = _case(16, 128, m, dtype, seed=m)
+    want = K.nf4_matmul_reference(x, q)
+    got = _ptx_span(q, x)
+    assert _rel(got, want) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert _rel(got, T.emulate(x, q, torch.float32)) < 1e-5  # the same arithmetic, up to summation order
+
+
+def test_ptx_interpreter_catches_a_wrong_byte_mapping():
+    """The one-warp check can fail: swapping the two bytes of each MMA's k slots breaks it."""
+    q, x = _case(16, 128, 2, torch.bfloat16, seed=5)
+    good = T.ASM[torch.bfloat16]
+    T.ASM[torch.bfloat16] = good.replace("0x4440; mad.lo.u32 t, t, 128", "0x4441; mad.lo.u32 t, t, 128X").replace(
+        "0x4441; mad.lo.u32 t, t, 128,", "0x4440; mad.lo.u32 t, t, 128,").replace("128X", "128")
+    try:
+        assert _rel(_ptx_span(q, x), K.nf4_matmul_reference(x, q)) > 0.05
+    finally:
+        T.ASM[torch.bfloat16] = good
+
+
+# ----------------------------------------------------------------------------------------------
+# Build for sm_90 (CPU) and the kernel itself (GPU)
+# ----------------------------------------------------------------------------------------------
+
+_BUILD = r'''
+import torch
+import kernels.nf4_tc as T
+from triton.experimental.gluon._runtime import GluonASTSource
+fn = T._nf4_tc_kernel
+sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
+           offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", M="i32", N="i32", K="i32", ITEMS_PER_PROGRAM="i32")
+names = fn.arg_names
+for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
+    for W, REP, AHEAD in ((4, 2, 1), (8, 1, 2)):
+        consts = dict(ASM=T.ASM[dtype], CONSTRAINTS=T.CONSTRAINTS, FILL_TABLE=T._FILL_TABLE, FILL_CODE2=T._FILL_CODE2,
+                      W=W, REP=REP, AHEAD=AHEAD, num_warps=W)
+        s = {n: "constexpr" if n in consts else (ty if n == "x_ptr" else sig[n]) for n in names}
+        src = GluonASTSource(fn, s, constexprs={(names.index(k),): v for k, v in consts.items()},
+                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("ptr")})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=W))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        u = {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+        print("RESULT", W, REP, AHEAD, k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
+              k.asm["ptx"].count("mma.sync"))
+'''
+
+
+def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
+    out = run_child(_BUILD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(rows) == 4
+    for w, rep, ahead, shared, reg, stack, local, has_mma, n_mma in rows:
+        assert int(shared) == T.SHARED_BYTES  # the PTX reads the tables at offset 0: nothing else there
+        assert int(stack) == 0 and int(local) == 0 and int(reg) <= 255  # no spills
+        assert has_mma == "True" and int(n_mma) == 16 * int(rep)  # 16 MMAs per row tile and span
+
+
+def test_plan_balances_items_in_one_wave():
+    programs, per, meta = T.plan(14336, 4096, 132)
+    items = (14336 // 128) * 32
+    assert programs <= 3 * 132 and programs * per >= items and (programs - 1) * per < items
+    assert meta == dict(W=4, REP=2, AHEAD=1, num_warps=4)
+    programs, per, _ = T.plan(16, 128, 132)  # fewer items than programs: one item each
+    assert (programs, per) == (1, 1)
+
+
+def test_dispatch_rule():
+    assert not T.preferred_shape(1, 4096, 4096) and not T.preferred_shape(1, 14336, 4096)
+    assert T.preferred_shape(1, 4096, 14336)
+    assert all(T.preferred_shape(m, 1024, 4096) for m in range(2, 9))
+    assert not T.preferred_shape(9, 4096, 4096) and not T.preferred_shape(3, 4096, 4160)  # K % 128
+
+
+def test_cpu_input_is_refused_with_a_clear_error():
+    q, x = _case(16, 128, 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="nf4_gemv_tc needs CUDA"):
+        T.nf4_gemv_tc(x, q)
+
+
+if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no interpreter)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("n,k", [(48, 128), (33, 256), (1000, 640), (200, 384), (4096, 4096)])
+    def test_kernel_matches_reference(n, k, dtype):
+        for m in (1, 2, 3, 5, 8):
+            q, x = _case(n, k, m, dtype, seed=m)
+            q, x = q.to("cuda"), x.to("cuda")
+            for config in (None, dict(WAVES=1), dict(W=8, REP=1, AHEAD=2)):
+                got = T.nf4_gemv_tc(x, q, config)
+                assert got.dtype == dtype and got.shape == (m, n)
+                assert _rel(got, K.nf4_matmul_reference(x, q)) < 2e-2
+
+    def test_nf4_gemv_dispatches_to_the_tensor_cores_where_measured_faster():
+        q, x = _case(256, 1024, 3, torch.bfloat16)
+        q, x = q.to("cuda"), x.to("cuda")
+        calls = []
+        real = T.nf4_gemv_tc
+        T.nf4_gemv_tc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        try:
+            y = K.nf4_gemv(x, q)
+        finally:
+            T.nf4_gemv_tc = real
+        assert _rel(y, K.nf4_matmul_reference(x, q)) < 2e-2
+        assert calls == ([1] if torch.cuda.get_device_capability() == (9, 0) else [])
