@@ -133,6 +133,9 @@ class GroupedLoRA:
         """xs (P, K) sorted by expert, offs (E,) -> the adapters' share (P, N) in xs.dtype."""
         a = torch.stack(self.A).to(xs.dtype)  # (E, r, K)
         b = torch.stack(self.B).to(xs.dtype)  # (E, N, r)
+        pad = -a.shape[1] % (16 // xs.element_size())  # CUTLASS needs 16-byte strides: r to a multiple
+        if pad:  # zero rows of A and columns of B add nothing (r = 4 in bf16 failed on the H100)
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         if self.dropout:
             xs = F.dropout(xs, self.dropout, training=True)
         t = torch._grouped_mm(xs, a.transpose(1, 2), offs=offs)  # (P, r)
