@@ -11,8 +11,8 @@ Three paths compute the experts:
   - grouped GEMMs (`kernels.moe_grouped`), on sm_90 GPUs (H100/H200) for bf16 NF4 experts with
     more tokens than the decode kernels take (training, prefill): one `torch._grouped_mm` per
     projection over a transient dequantized stack of the experts, no host sync, differentiable in x. LoRA
-    adapters on the experts (unmerged) can ride along as two more grouped GEMMs per projection
-    (backend "grouped"; by default adapted experts take the loop until that is checked on a GPU).
+    adapters on the experts (unmerged) ride along as two more grouped GEMMs per projection (H100,
+    v5 step with LoRA on the experts: 35.5 ms per layer against the loop's 65.5, benchmarks/RESULTS.md).
   - the decode kernels (`kernels.moe`), on CUDA when the experts are NF4 and at most
     `kernels.moe.MAX_PAIRS` (token, slot) pairs come in without needing a gradient: two launches
     for all experts, every touched expert read once, no host sync, static shapes (graph-safe).
@@ -173,9 +173,7 @@ class SparseMoE(nn.Module):
         if self.backend is None and (mods[0].in_features % 8 or mods[0].out_features % 8):
             return None  # the grouped GEMM needs 16-byte rows
         adapters = self._expert_adapters()
-        if adapters is None or (adapters and self.backend is None):
-            # LoRA on the experts takes the grouped GEMMs only when asked (backend "grouped"): its
-            # adapter gradients through torch's grouped GEMM are checked on CPU, not yet on a GPU
+        if adapters is None:  # adapters the grouped GEMMs cannot carry: the loop
             return None
         return self._experts_table(mods), adapters
 
