@@ -250,10 +250,13 @@ _CHECKED: set = set()  # compiled variants whose shared memory was checked
 
 
 def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
-    """Whether nf4_gemv_tc takes this call: CUDA, bf16/fp16 x of 1..8 rows, K % 128 == 0, Gluon."""
+    """Whether nf4_gemv_tc takes this call: Gluon, CUDA, bf16/fp16 x of 1..8 rows, K a positive
+    multiple of 128, and NF4 fields aligned for the kernel's 4-byte word and 2-byte code loads (a
+    checkpoint's tensors can be views at odd offsets)."""
     N, K = q.shape
     return (gluon is not None and x.is_cuda and x.dtype in ASM and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS
-            and K % (2 * BLOCKSIZE) == 0 and N * (K // BLOCKSIZE) < 2**31)
+            and N >= 1 and K >= 2 * BLOCKSIZE and K % (2 * BLOCKSIZE) == 0 and N * (K // BLOCKSIZE) < 2**31
+            and q.packed.data_ptr() % 4 == 0 and q.absmax.data_ptr() % 2 == 0)
 
 
 def preferred_shape(M: int, N: int, K: int) -> bool:
@@ -283,11 +286,14 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
 def nf4_gemv_tc(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
     """Y (M, N) = X (M, K) @ W^T on tensor cores, for 1 <= M <= 8 rows of bf16/fp16 (decoding)."""
     if not supported(x, q):
-        raise ValueError(f"nf4_gemv_tc needs CUDA bf16/fp16 x of 1..{MAX_TOKENS} rows and K % 128 == 0, got "
-                         f"x {tuple(x.shape)} {x.dtype} on {x.device}, W {tuple(q.shape)}")
+        raise ValueError(f"nf4_gemv_tc needs CUDA bf16/fp16 x of 1..{MAX_TOKENS} rows, K a positive multiple of "
+                         f"128 and 4-byte-aligned NF4 codes; got x {tuple(x.shape)} {x.dtype} on {x.device}, "
+                         f"W {tuple(q.shape)} (nf4_gemv serves the rest)")
     N, K = q.shape
     M = x.shape[0]
     x = x.contiguous()
+    if x.data_ptr() % 4:  # x is read as pairs (int32 words)
+        x = x.clone()
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
     y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     compiled = _nf4_tc_kernel[(programs,)](

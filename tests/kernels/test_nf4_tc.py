@@ -276,6 +276,7 @@ def test_cpu_input_is_refused_with_a_clear_error():
     q, x = _case(16, 128, 1, torch.bfloat16)
     with pytest.raises(ValueError, match="nf4_gemv_tc needs CUDA"):
         T.nf4_gemv_tc(x, q)
+    assert not T.supported(x, q)
 
 
 if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no interpreter)
@@ -303,3 +304,14 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
             T.nf4_gemv_tc = real
         assert _rel(y, K.nf4_matmul_reference(x, q)) < 2e-2
         assert calls == ([1] if torch.cuda.get_device_capability() == (9, 0) else [])
+
+    def test_misaligned_x_is_copied_and_misaligned_codes_are_refused():
+        q, x = _case(256, 1024, 3, torch.bfloat16)
+        q, x = q.to("cuda"), x.to("cuda")
+        buf = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+        odd = buf[1:].view_as(x).copy_(x)  # contiguous, 2 bytes past a 4-byte boundary
+        assert odd.data_ptr() % 4
+        assert _rel(T.nf4_gemv_tc(odd, q), K.nf4_matmul_reference(x, q)) < 2e-2
+        raw = torch.empty(q.packed.numel() + 1, device="cuda", dtype=torch.uint8)
+        shifted = K.NF4Tensor(raw[1:].copy_(q.packed), *q.fields()[1:], shape=q.shape, dtype=q.dtype)
+        assert not T.supported(x, shifted)  # the kernel's word loads need 4-byte alignment
