@@ -245,7 +245,9 @@ if gluon is not None:
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_CONFIG = dict(W=4, REP=2, AHEAD=1, WAVES=3)
+# 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file):
+# 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs (~130 registers, 3 per SM)
+DEFAULT_CONFIG = dict(W=4, REP=2, AHEAD=1, WAVES=4, MAXNREG=128)
 _CHECKED: set = set()  # compiled variants whose shared memory was checked
 
 
@@ -261,10 +263,10 @@ def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
 
 def preferred_shape(M: int, N: int, K: int) -> bool:
     """Where nf4_gemv's default takes this kernel (H100, CUDA-graph times, benchmarks/RESULTS.md
-    "Session 5"): from 2 to 8 rows on every Mixtral shape (3 rows: 22.5 vs 36.2 us at 14336x4096),
-    and at 1 row where K > N (4096x14336: 21.7 vs 26.7 us); at 1 row with N >= K the CUDA-core
-    kernel is as fast or faster (14336x4096: 22.0 vs 22.1; 4096x4096: 12.5 vs 10.3)."""
-    return K % (2 * BLOCKSIZE) == 0 and (2 <= M <= MAX_TOKENS or (M == 1 and K > N))
+    "Session 5"): from 2 to 8 rows on every Mixtral shape (3 rows: 21.3 vs 36.3 us at 14336x4096),
+    and at 1 row on big weights (14336x4096: 20.2 vs 21.7 us; 4096x14336: 20.6 vs 26.7); at 1 row
+    on 4096x4096 and smaller the CUDA-core kernel wins (11.0 vs 9.8 us)."""
+    return K % (2 * BLOCKSIZE) == 0 and (2 <= M <= MAX_TOKENS or (M == 1 and N * K >= 2**25))
 
 
 def preferred(x: torch.Tensor, q: NF4Tensor) -> bool:
@@ -280,6 +282,8 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
     items = triton.cdiv(N, c["REP"] * 16 * c["W"]) * (K // (2 * BLOCKSIZE))
     per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
     meta = dict(W=c["W"], REP=c["REP"], AHEAD=c["AHEAD"], num_warps=c["W"])
+    if c.get("MAXNREG"):  # ptxas register cap: more programs per SM, at the price of spills
+        meta["maxnreg"] = c["MAXNREG"]
     return triton.cdiv(items, per_program), per_program, meta
 
 

@@ -228,13 +228,13 @@ sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", co
            offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", M="i32", N="i32", K="i32", ITEMS_PER_PROGRAM="i32")
 names = fn.arg_names
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-    for W, REP, AHEAD in ((4, 2, 1), (8, 1, 2)):
+    for W, REP, AHEAD, cap in ((4, 2, 1, 128), (8, 1, 2, None)):
         consts = dict(ASM=T.ASM[dtype], CONSTRAINTS=T.CONSTRAINTS, FILL_TABLE=T._FILL_TABLE, FILL_CODE2=T._FILL_CODE2,
                       W=W, REP=REP, AHEAD=AHEAD, num_warps=W)
         s = {n: "constexpr" if n in consts else (ty if n == "x_ptr" else sig[n]) for n in names}
         src = GluonASTSource(fn, s, constexprs={(names.index(k),): v for k, v in consts.items()},
                              attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("ptr")})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=W))
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=W, maxnreg=cap))
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
@@ -259,15 +259,16 @@ def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
 def test_plan_balances_items_in_one_wave():
     programs, per, meta = T.plan(14336, 4096, 132)
     items = (14336 // 128) * 32
-    assert programs <= 3 * 132 and programs * per >= items and (programs - 1) * per < items
-    assert meta == dict(W=4, REP=2, AHEAD=1, num_warps=4)
+    assert programs <= 4 * 132 and programs * per >= items and (programs - 1) * per < items
+    assert meta == dict(W=4, REP=2, AHEAD=1, num_warps=4, maxnreg=128)
+    assert "maxnreg" not in T.plan(14336, 4096, 132, dict(MAXNREG=None))[2]
     programs, per, _ = T.plan(16, 128, 132)  # fewer items than programs: one item each
     assert (programs, per) == (1, 1)
 
 
 def test_dispatch_rule():
-    assert not T.preferred_shape(1, 4096, 4096) and not T.preferred_shape(1, 14336, 4096)
-    assert T.preferred_shape(1, 4096, 14336)
+    assert not T.preferred_shape(1, 4096, 4096) and not T.preferred_shape(1, 1024, 4096)
+    assert T.preferred_shape(1, 4096, 14336) and T.preferred_shape(1, 14336, 4096)
     assert all(T.preferred_shape(m, 1024, 4096) for m in range(2, 9))
     assert not T.preferred_shape(9, 4096, 4096) and not T.preferred_shape(3, 4096, 4160)  # K % 128
 
