@@ -1,9 +1,9 @@
 """NF4 decode GEMV on tensor cores: Y (M, N) = X (M, K) @ W^T for 1 <= M <= 8 tokens, bf16/fp16.
 
 Why: the CUDA-core decode loop (`kernels.nf4.nf4_rows_loop`) spends ~6 instructions per weight
-element (code extraction, a gather per element, an FMA per token, group sums, layout conversions)
-and reaches 1.36 TB/s of NF4 bytes at M=1; the HBM floor needs ~2 instructions per element. This
-kernel (Gluon, Triton's explicit-layout dialect) brings it to about 1.5 per element:
+element (code extraction, a gather per element, an FMA per token, group sums, layout conversions);
+this kernel (Gluon, Triton's explicit-layout dialect, with inline PTX) spends ~3, and its cost does
+not grow with the token count:
 
 - Tensor cores do the products: mma.m16n8k16 with W as the A operand (16 weight rows) and the
   tokens as the 8 columns of B, so 1..8 tokens cost the same.
@@ -11,21 +11,22 @@ kernel (Gluon, Triton's explicit-layout dialect) brings it to about 1.5 per elem
   holds exactly two consecutive k's (bf16x2): one lookup per byte in a 256-entry table of bf16 pairs
   gives the register. The table sits in shared memory replicated once per lane (entry b of lane l
   at word 32 b + l), so a warp's 32 lookups never share a bank: byte extract, address, load.
-- The k order inside a 64-element quant group is permuted so that each thread's A registers come
-  from 8 contiguous bytes of its rows (one 8-byte load per row); x is loaded in the same order (the
-  MMA sums over k, so any order common to A and B gives the same dot product). Each group is one
-  chain of 4 MMAs, then scaled by its row's absmax: exact group scaling, as the reference does.
+- A thread loads 16 contiguous bytes of each of its rows per step: a "span" of 2 quant groups
+  (128 columns) is 64 bytes per row, lanes t < 2 of a row holding group A and t >= 2 group B. The
+  MMA sums over k, so the k order is free: MMA j takes bytes 2j and 2j + 1 of every lane's 16
+  (`span_slots`), once with x zeroed on group B's lanes and once on group A's, and each group's
+  chain of 8 MMAs is scaled by its own absmax: exact group scaling, as the reference does.
 
-Layout of one program: W warps x 16 rows, REP row tiles, over one K slice (split-K across
-programs with fp32 atomics). Thread (g, t) of a warp (lane 4 g + t) holds, per row tile, words
-2t and 2t+1 of the group for rows g and g + 8 W of that warp's rows: the BlockedLayout of `_words`
-lays the (REP, 16 W, 8) word tensor out exactly so, and the inline PTX takes a thread's 4 words of
-one row tile at a time (pack=4). The PTX finds the table at offset 0 of the kernel's shared memory
-(`global_smem`): the table is the kernel's only shared allocation, which the launcher checks
-(`_check_smem`).
+Layout: a program has W warps of 16 rows times REP row tiles; lane 4g + t holds words 4t..4t+3 of
+rows g and g + 8W of its warp (BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1]) over (REP, 16 W, 16)
+words), which are the rows of its MMA fragments; the PTX takes one row tile at a time (pack=8).
+Work: (row tile, span) items shared evenly by one wave of programs (stream-K), fp32 atomics into a
+zeroed output. The PTX owns its tables at offset 0 of the kernel's shared memory (`global_smem`);
+two Gluon allocations reserve the space, and the launcher refuses a build whose shared memory is
+anything but those bytes.
 
-CPU (no Gluon there): `emulate` replays the kernel's index mapping in PyTorch and is tested against
-the reference; GPU tests compare the kernel itself.
+CPU (no Gluon there): `emulate` is the kernel's arithmetic in PyTorch; tests also run the PTX for
+one warp through a small interpreter (tests/kernels/test_nf4_tc.py). GPU tests run the kernel.
 """
 import functools
 
@@ -55,36 +56,42 @@ def _pair_words(dtype: torch.dtype, device: str) -> torch.Tensor:
     return (half[b >> 4] | (half[b & 15] << 16)).to(device)
 
 
-def permuted_k(k0: int = 0) -> torch.Tensor:
-    """(64,) the weight column that feeds each logical k of a group's 4 MMAs (k0: the group's first
-    column): logical k = 16 j + 2 t + 8 s + e reads byte 8 t + 2 j + s of the group, element e."""
-    j, t, s, e = torch.meshgrid(*(torch.arange(n) for n in (4, 4, 2, 2)), indexing="ij")
-    logical = 16 * j + 2 * t + 8 * s + e
-    physical = 2 * (8 * t + 2 * j + s) + e
-    order = torch.empty(64, dtype=torch.long)
-    order[logical.flatten()] = physical.flatten()
-    return k0 + order
+def span_slots() -> torch.Tensor:
+    """(2, 8, 16) int64: for group chain c (0: group A, 1: group B) and MMA j of a span, the span
+    column (0..127) that each of the MMA's 16 k slots multiplies, or -1 where the chain's x operand
+    is zero (the other group's lanes). Slot 2t + 8s + e is lane t's byte 16t + 2j + s, element e."""
+    slots = torch.full((2, 8, 16), -1, dtype=torch.long)
+    for j in range(8):
+        for t in range(4):
+            for s in range(2):
+                for e in range(2):
+                    slots[t // 2, j, 2 * t + 8 * s + e] = 2 * (16 * t + 2 * j + s) + e
+    return slots
 
 
 def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The kernel's arithmetic in PyTorch (fp32 accumulation): each group's A tile gathered through
-    the pair table and the k permutation, B from x in the same order, the MMA chain's sum scaled by
-    the group's absmax; returned in out_dtype (default x.dtype; the kernel's accumulator is fp32).
-    For tests on machines without a GPU."""
+    """The kernel's arithmetic in PyTorch (fp32 accumulation, K % 128 == 0): per span and group
+    chain, the MMAs' A tiles gathered through the pair table at `span_slots`, B from x at the same
+    columns, the chain's sum scaled by the group's absmax; returned in out_dtype (default x.dtype;
+    the kernel's accumulator is fp32). For tests on machines without a GPU."""
     N, K = q.shape
     M = x.shape[0]
     table = _pair_words(x.dtype, "cpu")
     packed = q.packed.reshape(N, K // 2).to(torch.long).cpu()
     absmax = _absmax_reference(q).reshape(N, K // BLOCKSIZE).cpu()
+    xs = x.cpu().float()
     y = torch.zeros(M, N, dtype=torch.float32)
-    order = permuted_k()
-    for g in range(K // BLOCKSIZE):
-        cols = g * BLOCKSIZE + order  # (64,) physical column of each logical k
-        pairs = table[packed[:, cols // 2]]  # (N, 64): the byte's pair, for each k
-        bits = torch.where(cols % 2 == 0, pairs & 0xFFFF, (pairs >> 16) & 0xFFFF)
-        a = bits.to(torch.int16).view(x.dtype).float()  # (N, 64) unscaled NF4, in x's dtype
-        b = x.cpu()[:, cols].float()  # (M, 64)
-        y += (b @ a.T) * absmax[:, g][None, :]
+    slots = span_slots()
+    for sp in range(K // (2 * BLOCKSIZE)):
+        for chain in range(2):
+            d = torch.zeros(M, N)
+            for j in range(8):
+                cols = sp * 2 * BLOCKSIZE + slots[chain, j][slots[chain, j] >= 0]  # columns this MMA uses
+                pairs = table[packed[:, cols // 2]]  # (N, 8): each column's byte pair
+                bits = torch.where(cols % 2 == 0, pairs & 0xFFFF, (pairs >> 16) & 0xFFFF)
+                a = bits.to(torch.int16).view(x.dtype).float()  # unscaled NF4 in x's dtype
+                d += xs[:, cols] @ a.T
+            y += d * absmax[:, 2 * sp + chain][None, :]
     return y.to(out_dtype or x.dtype)
 
 
