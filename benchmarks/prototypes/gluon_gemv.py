@@ -1,5 +1,6 @@
 """PROTOTYPE, not used by the engine: the NF4 decode GEMV (M=1) in Gluon (Triton 3.6's explicit-layout
-dialect), kept for the next attempt at issue 4's decode target. Measured slower than nf4_gemv.
+dialect) on CUDA cores. Measured slower than nf4_gemv. Superseded by kernels/nf4_tc.py (session 5:
+tensor cores, one lookup per byte), which the engine uses.
 
 Idea (benchmarks/NOTES.md, "Session 4"): a thread owns whole 64-element groups (8 int32 words) of
 one row, so the FMAs are in-thread chains. x is staged once per program in shared memory as fp32,
