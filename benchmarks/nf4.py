@@ -12,7 +12,8 @@ Parts (--parts, comma-separated; default "correctness,dequant,gemm,decode"):
                on the dense weight (the ceiling) and bnb matmul_4bit; dX = dY W at M = 8192.
   decode       M = 1, 2, 3, 4, 8, 16: ours (nf4_matmul -> nf4_gemv, which takes kernels/nf4_tc.py's
                tensor-core kernel where it was measured faster), pre_tc (nf4_gemv's own kernels, without
-               that dispatch), bnb (its 4-bit GEMV at M = 1) and a bf16 GEMV (cuBLAS), in TB/s of NF4 bytes. Both do_bench (one call, cold L2) and
+               that dispatch), bnb (its 4-bit GEMV at M = 1) and a bf16 GEMV (cuBLAS), in TB/s of NF4
+               bytes. Both do_bench (one call, cold L2) and
                "graph": calls replayed back to back from a CUDA graph over 4 weight copies (no launch
                gaps, as graph-captured decoding runs; each call reads HBM, not L2). The rate, the
                ratios and the verdict use the graph times; host_us is the host time of one eager call.
@@ -365,8 +366,8 @@ def main():
 
     if rows:
         print()
-        print_table(rows, ["bench", "shape", "M", "ours_us", "graph_us", "pre_tc_graph_us", "host_us", "rate", "unit", "cublas_us",
-                           "cublas_graph_us", "vs_cublas", "fused_us", "bnb_us", "bnb_graph_us", "vs_bnb"])
+        print_table(rows, ["bench", "shape", "M", "ours_us", "graph_us", "pre_tc_graph_us", "host_us", "rate", "unit",
+                           "cublas_us", "cublas_graph_us", "vs_cublas", "fused_us", "bnb_us", "bnb_graph_us", "vs_bnb"])
     verdicts = {}
     for r in rows:
         if r["shape"] != BIG:

@@ -912,7 +912,9 @@ _default_gemv_plan = functools.lru_cache(maxsize=4096)(
 def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
     """Y (M, N) = X (M, K) @ W^T for M <= 64 rows (decoding); split-K when N alone gives too few
     programs (fp32 atomics into a zeroed buffer, then one cast). The default launch is resolved once
-    per shape: decoding calls this for every layer, and host time adds up."""
+    per shape: decoding calls this for every layer, and host time adds up. With config None, 1-8
+    rows on sm_90 go to kernels/nf4_tc.py's tensor-core kernel where it measured faster
+    (`nf4_tc.preferred`); a config dict (even {}) keeps this module's kernels."""
     N, K = q.shape
     x = _check_2d(x, K, q, "nf4_gemv")
     M = x.shape[0]
