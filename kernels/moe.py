@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _dot_precision, _nf4_nibble_table, _num_sms,
-                         dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_rows_loop)
+                         dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_half_pairs, nf4_rows_loop)
 
 MAX_PAIRS = 64  # (token, slot) pairs one launch serves: BLOCK_P <= 64 rows of the MMA
 _FIELDS = {"packed": torch.uint8, "absmax": torch.uint8, "absmax2": torch.float32, "code2": torch.float32,
@@ -509,14 +509,6 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[t
 
 
 @functools.lru_cache(maxsize=None)
-def _byte_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
-    """(256,) int32: entry b holds the 16-bit NF4[b >> 4] in its low and NF4[b & 15] in its high half."""
-    bits = torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).view(torch.int16)
-    b = torch.arange(256)
-    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int32).view(-1).to(device)
-
-
-@functools.lru_cache(maxsize=None)
 def _nibble_lut(device: str, dtype: torch.dtype) -> torch.Tensor:
     """(16,) the NF4 values in `dtype` (rounded once, as the byte-pair table rounds them)."""
     return torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).to(device)
@@ -564,7 +556,7 @@ def moe_config(P: int, dtype: torch.dtype) -> dict:
 
 def _lut(mode: int, w: NF4Experts, dtype: torch.dtype) -> torch.Tensor:
     if mode == 1:
-        return _byte_lut(str(w.device), dtype)
+        return nf4_half_pairs(str(w.device), dtype)
     if mode == 2:
         return _nibble_lut(str(w.device), dtype)
     return w.w1[0].tensors()[5]  # the table nf4_dequant_tile reads (kernels.nf4's contract)

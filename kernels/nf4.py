@@ -129,6 +129,16 @@ def nf4_pairs(device) -> torch.Tensor:
     return _pair_table(str(device))
 
 
+@functools.lru_cache(maxsize=None)
+def nf4_half_pairs(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(256,) int32: entry b holds NF4[b >> 4] (the even element) in its low and NF4[b & 15] in its
+    high half, each as a 16-bit `dtype` (bf16/fp16): one register of both values of a packed byte,
+    the table of the MoE decode kernels and of kernels/nf4_tc.py's MMA operands."""
+    bits = torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).view(torch.int16)
+    b = torch.arange(256)
+    return torch.stack([bits[b >> 4], bits[b & 15]], dim=1).view(torch.int32).view(-1).to(device)
+
+
 @dataclass
 class NF4Tensor:
     """A weight in NF4 with double quant, laid out as bitsandbytes lays it out.
@@ -926,7 +936,7 @@ def nf4_gemv(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
         from kernels import nf4_tc  # imports this module
 
         if nf4_tc.preferred(x, q):  # tensor cores, 1..8 rows, sm_90 (see nf4_tc.preferred_shape)
-            return nf4_tc.nf4_gemv_tc(x, q)
+            return nf4_tc.launch(x, q)  # x checked above
     sms = _num_sms(x.device)
     plan = _default_gemv_plan(M, N, K, x.dtype, sms) if config is None else _gemv_plan(M, N, K, x.dtype, sms, config)
     kernel, grid, split, scalars, meta = plan

@@ -28,12 +28,11 @@ anything but those bytes.
 CPU (no Gluon there): `emulate` is the kernel's arithmetic in PyTorch; tests also run the PTX for
 one warp through a small interpreter (tests/kernels/test_nf4_tc.py). GPU tests run the kernel.
 """
-import functools
-
 import torch
 import triton
 
-from kernels.nf4 import BLOCKSIZE, NF4Tensor, _absmax_reference, _num_sms, cuda_capability, nf4_code
+from kernels.nf4 import (BLOCKSIZE, NF4Tensor, _absmax_reference, _check_2d, _num_sms, cuda_capability,
+                         nf4_half_pairs)
 
 try:  # Gluon: Triton >= 3.5 (the API this file uses is the one of Triton 3.6)
     from triton.experimental import gluon
@@ -45,15 +44,6 @@ else:  # the CTA barrier: gl.thread_barrier (Triton 3.5-3.6), gl.barrier (later)
 
 MAX_TOKENS = 8  # the MMA's N
 ENABLED = True  # False: nf4_gemv keeps its own kernels (benchmarks' A/B runs, --no-tc)
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_words(dtype: torch.dtype, device: str) -> torch.Tensor:
-    """(256,) int32: for byte b, NF4[b >> 4] (low half: the even element) and NF4[b & 15] (high half)
-    in `dtype` (bf16 or fp16) bits: one A-operand register per packed byte."""
-    half = nf4_code().to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    b = torch.arange(256)
-    return (half[b >> 4] | (half[b & 15] << 16)).to(device)
 
 
 def span_slots() -> torch.Tensor:
@@ -76,7 +66,7 @@ def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None)
     the kernel's accumulator is fp32). For tests on machines without a GPU."""
     N, K = q.shape
     M = x.shape[0]
-    table = _pair_words(x.dtype, "cpu")
+    table = nf4_half_pairs("cpu", x.dtype)
     packed = q.packed.reshape(N, K // 2).to(torch.long).cpu()
     absmax = _absmax_reference(q).reshape(N, K // BLOCKSIZE).cpu()
     xs = x.cpu().float()
@@ -296,19 +286,25 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
 
 def nf4_gemv_tc(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
     """Y (M, N) = X (M, K) @ W^T on tensor cores, for 1 <= M <= 8 rows of bf16/fp16 (decoding)."""
+    x = _check_2d(x, q.shape[1], q, "nf4_gemv_tc")
     if not supported(x, q):
         raise ValueError(f"nf4_gemv_tc needs CUDA bf16/fp16 x of 1..{MAX_TOKENS} rows, K a positive multiple of "
                          f"128 and 4-byte-aligned NF4 codes; got x {tuple(x.shape)} {x.dtype} on {x.device}, "
                          f"W {tuple(q.shape)} (nf4_gemv serves the rest)")
+    return launch(x, q, config)
+
+
+def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.Tensor:
+    """nf4_gemv_tc after its checks: x 2-D, contiguous, with K columns, and `supported` (nf4_gemv
+    has checked all that before it dispatches here)."""
     N, K = q.shape
     M = x.shape[0]
-    x = x.contiguous()
     if x.data_ptr() % 4:  # x is read as pairs (int32 words)
         x = x.clone()
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
     y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     compiled = _nf4_tc_kernel[(programs,)](
-        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, _pair_words(x.dtype, str(x.device)), y, M, N, K,
+        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), y, M, N, K,
         per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2, **meta)
     key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
     if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there

@@ -22,13 +22,16 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def sm90_compile(fn, signature, constexprs, aligned=(), **options):
-    """(compiled kernel, {"REG", "STACK", "LOCAL"} from cuobjdump) of fn built for sm_90;
+    """(compiled kernel, {"REG", "STACK", "LOCAL"} from cuobjdump) of fn (Triton or Gluon) built for sm_90;
     signature: the types of the non-constexpr arguments; `aligned` names arguments Triton may
     assume 16-divisible."""
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else signature[n] for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+    source = ASTSource
+    if type(fn).__name__ == "GluonJITFunction":  # Gluon kernels build from Gluon's source class
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    k = triton.compile(source(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])

@@ -54,7 +54,7 @@ def test_span_slots_cover_each_column_of_each_group_once():
 
 def test_pair_table_holds_both_nibbles_of_each_byte():
     for dtype in (torch.bfloat16, torch.float16):
-        table = T._pair_words(dtype, "cpu")
+        table = K.nf4_half_pairs("cpu", dtype)
         code = K.nf4_code().to(dtype)
         for b in (0x00, 0x07, 0x70, 0x3C, 0xF1, 0xFF):
             lo = torch.tensor([table[b].item() & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
@@ -166,7 +166,7 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor) -> torch.Tensor:
     x_words = (x_pairs[..., 0] & 0xFFFF) | ((x_pairs[..., 1] & 0xFFFF) << 16)  # (M, 64) pairs of x
     aq = q.absmax.to(torch.int32).view(16, 2)
     a2 = q.absmax2[(torch.arange(16) * 2) // 256]
-    smem = {4 * (b * 32 + lane): T._pair_words(dtype, "cpu")[b].item() for b in range(256) for lane in range(32)}
+    smem = {4 * (b * 32 + lane): K.nf4_half_pairs("cpu", dtype)[b].item() for b in range(256) for lane in range(32)}
     smem.update({T.TABLE_BYTES + 4 * c: q.code2[c].item() for c in range(256)})
     regs = []
     for lane in range(32):
@@ -224,24 +224,14 @@ def test_ptx_interpreter_catches_a_wrong_byte_mapping():
 _BUILD = r'''
 import torch
 import kernels.nf4_tc as T
-from triton.experimental.gluon._runtime import GluonASTSource
-fn = T._nf4_tc_kernel
 sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
            offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", M="i32", N="i32", K="i32", ITEMS_PER_PROGRAM="i32")
-names = fn.arg_names
+pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
     for W, REP, AHEAD, cap in ((4, 2, 1, 128), (8, 1, 2, None)):
         consts = dict(ASM=T.ASM[dtype], CONSTRAINTS=T.CONSTRAINTS, FILL_TABLE=T._FILL_TABLE, FILL_CODE2=T._FILL_CODE2,
                       W=W, REP=REP, AHEAD=AHEAD, num_warps=W)
-        s = {n: "constexpr" if n in consts else (ty if n == "x_ptr" else sig[n]) for n in names}
-        src = GluonASTSource(fn, s, constexprs={(names.index(k),): v for k, v in consts.items()},
-                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("ptr")})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=W, maxnreg=cap))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        u = {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+        k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
         print("RESULT", W, REP, AHEAD, k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
               k.asm["ptx"].count("mma.sync"))
 '''
@@ -280,6 +270,8 @@ def test_cpu_input_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="nf4_gemv_tc needs CUDA"):
         T.nf4_gemv_tc(x, q)
     assert not T.supported(x, q)
+    with pytest.raises(ValueError, match="expected a 2-D input with 128 columns"):  # the wrong K
+        T.nf4_gemv_tc(x[:, :64], q)
 
 
 if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no interpreter)
@@ -299,12 +291,12 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
         q, x = _case(256, 1024, 3, torch.bfloat16)
         q, x = q.to("cuda"), x.to("cuda")
         calls = []
-        real = T.nf4_gemv_tc
-        T.nf4_gemv_tc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        real = T.launch
+        T.launch = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         try:
             y = K.nf4_gemv(x, q)
         finally:
-            T.nf4_gemv_tc = real
+            T.launch = real
         assert _rel(y, K.nf4_matmul_reference(x, q)) < 2e-2
         assert calls == ([1] if torch.cuda.get_device_capability() == (9, 0) else [])
 
