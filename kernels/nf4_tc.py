@@ -97,31 +97,38 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}0, {d}1, {d}2,
 def _asm(ty: str) -> str:
     """PTX for one row tile of one span, per thread (pack=8). Operands: $0-$7 accumulators out;
     $8-$15 words (row g: w0..w3, row g + 8W: w0..w3; lanes t < 2 hold group A, t >= 2 group B);
-    $16-$31 x pairs u0..u15 for the MMAs of group A (zero on lanes t >= 2), $32-$47 the same for
-    group B (zero on t < 2); $48 / $52 the absmax codes of rows g / g + 8W (group A in the low
-    byte, B in the next); $56 / $60 their absmax2; $64 the offset; $72-$79 accumulators in.
+    $16 the address of the thread's 16 x pairs u0..u15 (64 contiguous bytes: elements 32t .. 32t + 31
+    of the span for token g); $24 / $28 the absmax codes of rows g / g + 8W (group A in the low
+    byte, B in the next); $32 / $36 their absmax2; $40 the offset; $48-$55 accumulators in.
     Accumulator i = 4h + w holds row h, token 2t + w for w < 2 (w = 2, 3 pass through).
-    MMA j (0..7) takes bytes 2j and 2j + 1 of each row's 16, and x pairs u2j, u2j+1."""
-    body = ["{", ".reg .b32 t, base, cb, a0, a1, a2, a3;", ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3, z, s;",
-            "mov.f32 z, 0f00000000;", "mov.u32 base, %laneid;", "mov.u32 cb, global_smem;",
-            "mad.lo.u32 base, base, 4, cb;", f"add.u32 cb, cb, {TABLE_BYTES};"]
+    x is loaded here (L1 hits: every warp reads the same span) so that no copy of it waits in
+    registers across the loop. MMA j (0..7) takes bytes 2j and 2j + 1 of each row's 16 and x pairs
+    u2j, u2j+1: as they are on group A's lanes (t < 2) and zero on group B's for group A's chain,
+    and the other way round for group B's chain (selp)."""
+    u = [f"u{i}" for i in range(16)]
+    body = ["{", ".reg .b32 t, base, cb, a0, a1, a2, a3, b0, b1, " + ", ".join(u) + ";", ".reg .pred pa;",
+            ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3, z, s;"]
+    body += [f"ld.global.nc.v4.b32 {{{', '.join(u[4 * v:4 * v + 4])}}}, [$16+{16 * v}];" for v in range(4)]
+    body += ["mov.f32 z, 0f00000000;", "mov.u32 base, %laneid;", "and.b32 t, base, 2;", "setp.eq.u32 pa, t, 0;",
+             "mov.u32 cb, global_smem;", "mad.lo.u32 base, base, 4, cb;", f"add.u32 cb, cb, {TABLE_BYTES};"]
     for j in range(8):
         w_g, w_h = f"${8 + j // 2}", f"${12 + j // 2}"
         lo, hi = 2 * (j % 2), 2 * (j % 2) + 1  # bytes 2j, 2j + 1 inside their word
         for dst, w, byte in (("a0", w_g, lo), ("a1", w_h, lo), ("a2", w_g, hi), ("a3", w_h, hi)):
             body.append(_LOOKUP.format(w=w, sel=hex(0x4440 + byte), dst=dst))
-        for d, x0 in (("e", 16), ("f", 32)):  # group A's chain, group B's chain
+        for d, keep in (("e", "{u}, 0"), ("f", "0, {u}")):  # group A's chain, group B's chain
+            body += [f"selp.b32 b0, {keep.format(u=u[2 * j])}, pa;", f"selp.b32 b1, {keep.format(u=u[2 * j + 1])}, pa;"]
             c = "z, z, z, z" if j == 0 else f"{d}0, {d}1, {d}2, {d}3"
-            body.append(_MMA.format(ty=ty, d=d, b0=f"${x0 + 2 * j}", b1=f"${x0 + 2 * j + 1}", c=c))
-    for h, (aq, a2) in enumerate((("$48", "$56"), ("$52", "$60"))):
+            body.append(_MMA.format(ty=ty, d=d, b0="b0", b1="b1", c=c))
+    for h, (aq, a2) in enumerate((("$24", "$32"), ("$28", "$36"))):
         for grp, (d, sel) in enumerate((("e", "0x4440"), ("f", "0x4441"))):
             # the group's absmax, as the reference rounds it: code2[code] * absmax2, then + offset
             body += [f"prmt.b32 t, {aq}, 0, {sel};", "mad.lo.u32 t, t, 4, cb;", "ld.shared.f32 s, [t];",
-                     f"mul.rn.f32 s, s, {a2};", "add.rn.f32 s, s, $64;"]
+                     f"mul.rn.f32 s, s, {a2};", "add.rn.f32 s, s, $40;"]
             for w in (0, 1):
                 out = 4 * h + w
-                body.append(f"fma.rn.f32 ${out}, s, {d}{2 * h + w}, ${72 + out if grp == 0 else out};")
-        body += [f"mov.b32 ${4 * h + 2}, ${72 + 4 * h + 2};", f"mov.b32 ${4 * h + 3}, ${72 + 4 * h + 3};"]
+                body.append(f"fma.rn.f32 ${out}, s, {d}{2 * h + w}, ${48 + out if grp == 0 else out};")
+        body += [f"mov.b32 ${4 * h + 2}, ${48 + 4 * h + 2};", f"mov.b32 ${4 * h + 3}, ${48 + 4 * h + 3};"]
     body.append("}")
     return "\n".join(body)
 
@@ -129,7 +136,7 @@ def _asm(ty: str) -> str:
 TABLE_BYTES = 256 * 32 * 4  # the pair table: 256 byte values x 32 lanes, int32
 SHARED_BYTES = TABLE_BYTES + 256 * 4  # + code2
 ASM = {torch.bfloat16: _asm("bf16"), torch.float16: _asm("f16")}
-CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 48 + ["f"] * 24)
+CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 8 + ["r"] * 8 + ["f"] * 24)
 _FILL_TABLE = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $8; st.shared.v4.b32 [b], {$4, $5, $6, $7}; "
                "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
 _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shared.b32 [b+%d], $1; mov.b32 $0, 0; }"
@@ -138,25 +145,64 @@ _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shar
 if gluon is not None:
 
     @gluon.jit
-    def _span_x(xs, x_a, x_b):
-        """A span's x pairs as the MMAs of its two groups take them: (u0..u7, u8..u15) zeroed outside
-        group A's lanes, then the same for group B."""
-        return (gl.load(xs, mask=x_a, other=0), gl.load(xs + 8, mask=x_a, other=0),
-                gl.load(xs, mask=x_b, other=0), gl.load(xs + 8, mask=x_b, other=0))
+    def _next_item(it, tile, s, end, spans):
+        """(row tile, span) of item it + 1, or of it itself where it is the last (end - 1): the
+        pipeline's last loads re-read their own item. No division per item."""
+        s = s + (it + 1 < end).to(gl.int32)
+        wrap = (s == spans).to(gl.int32)
+        return tile + wrap, s - wrap * spans
+
+    @gluon.jit
+    def _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N,
+                       BN: gl.constexpr, EVEN_N: gl.constexpr):
+        """The item (row tile, span)'s words (REP, 16W, 16) and both groups' absmax codes per row."""
+        if EVEN_N:  # every row of the tile exists: a scalar base plus fixed per-thread offsets
+            base = (tile * BN).to(gl.int64) * spans + s
+            words = gl.load(w_words + base * 16 + w_off)
+            aq = gl.load(aq_codes + base + aq_off)
+        else:  # rows past N read row N - 1 (in bounds); the output drops them
+            rows = gl.minimum(tile * BN + row_in_tile, N - 1).to(gl.int64) * spans + s
+            words = gl.load(w_words + rows * 16 + (w_off % 16))
+            aq = gl.load(aq_codes + rows)
+        return words, aq
 
     @gluon.jit
     def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
                        M, N, K, ITEMS_PER_PROGRAM,
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, W: gl.constexpr, REP: gl.constexpr, AHEAD: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr,
                        num_warps: gl.constexpr):
         # Work: items (row tile of BN rows, span of 2 quant groups = 128 columns), tile-major; program p
-        # takes items p * ITEMS_PER_PROGRAM ... (stream-K: one wave of programs, balanced to an item),
-        # one segment per row tile it touches, each added to the fp32 y with atomics.
+        # takes items p * ITEMS_PER_PROGRAM ... as one stream (stream-K over one wave of programs), its
+        # loads one item ahead across row tiles; at the last item of a tile (or of its stream) it adds
+        # that tile's sums into y.
         BN: gl.constexpr = REP * 16 * W
         # (REP, 16 W, 16) int32: the words of one span of BN rows; thread (g, t) holds words 4t..4t+3
         # (16 bytes) of rows g and g + 8 W of its warp's rows, in each row tile
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
+        spans = K // 128
+        r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
+        r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
+        q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
+        row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
+        w_words = w_ptr.to(gl.pointer_type(gl.int32))
+        w_off = row_in_tile * (spans * 16) + q1  # int32: a tile's words (the launcher: N * K / 64 < 2**31)
+        aq_codes = absmax_ptr.to(gl.pointer_type(gl.int16))  # both groups' codes of a span, one load
+        aq_off = row_in_tile * spans
+        # x of thread (g, t): token g = row % 8, elements 32 t .. 32 t + 31 of the span (64 bytes, read by
+        # the PTX); tokens >= M read token M - 1, whose MMA columns are dropped at the end
+        token = r2 % 8
+        x_words = x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
+        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
+        y_tok = (q1 % 4 < 2) & (tok < M)
+        off = gl.load(offset_ptr)
+
+        start = gl.program_id(0) * ITEMS_PER_PROGRAM
+        end = gl.minimum(start + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * spans)
+        tile = start // spans  # the current item's row tile and span
+        s = start - tile * spans
+        # the first item's loads are issued before the tables are filled: their DRAM latency overlaps it
+        words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN, EVEN_N)
 
         # Shared memory, written and read only by the PTX: bytes 0..TABLE_BYTES-1 the pair table
         # replicated per lane, then code2 (fp32). The two allocations reserve the space and are its
@@ -174,59 +220,24 @@ if gluon is not None:
                                                         c_idx * 4], gl.int32, is_pure=False, pack=1)
         _cta_barrier()
 
-        spans = K // 128
-        r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
-        r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
-        q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
-        # x of thread (g, t): token g = row % 8; elements 32 t .. 32 t + 31 of the span as pairs u0..u15,
-        # u(4h + w) in the lo tensor, u(8 + 4h + w) in the hi one (h: the thread's second row, w: word)
-        token = r2 % 8
-        x_words = x_ptr.to(gl.pointer_type(gl.int32)) + token * (K // 2) + 16 * (q1 // 4) + 4 * (r2 // (8 * W)) + q1 % 4
-        x_a = (token < M) & (q1 < 8)  # lanes t < 2: group A
-        x_b = (token < M) & (q1 >= 8)
-        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
-        y_tok = (q1 % 4 < 2) & (tok < M)
-        off = gl.load(offset_ptr)
-
-        item = gl.program_id(0) * ITEMS_PER_PROGRAM
-        end = gl.minimum(item + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * spans)
-        while item < end:
-            tile = item // spans
-            s_lo = item - tile * spans
-            s_hi = gl.minimum(spans, s_lo + (end - item))
-            rows = tile * BN + r3 * (16 * W) + r2  # (REP, 16W, 1)
-            in_rows = gl.minimum(rows, N - 1)  # rows past N read row N - 1 (in bounds); dropped at the end
-            w_rows = w_ptr.to(gl.pointer_type(gl.int32)) + in_rows.to(gl.int64) * (spans * 16) + q1
-            blk_rows = in_rows * (spans * 2)  # int32 first quant block (the launcher: N * K / 64 < 2**31)
-            aq_rows = absmax_ptr.to(gl.pointer_type(gl.int16)) + blk_rows // 2  # both groups' codes, one load
-            acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
-            # the words, codes and x of the next span are loaded before this span's math: a hand-made
-            # pipeline (AHEAD = 2: the words and codes two spans ahead)
-            words0 = gl.load(w_rows + s_lo * 16)
-            aq0 = gl.load(aq_rows + s_lo)
-            xa0, xa1, xb0, xb1 = _span_x(x_words + s_lo * 64, x_a, x_b)
-            words1, aq1 = words0, aq0
-            if AHEAD > 1:
-                words1 = gl.load(w_rows + gl.minimum(s_lo + 1, s_hi - 1) * 16)
-                aq1 = gl.load(aq_rows + gl.minimum(s_lo + 1, s_hi - 1))
-            for sp in range(s_lo, s_hi):
-                cur, cur_aq = words0, aq0
-                cxa0, cxa1, cxb0, cxb1 = xa0, xa1, xb0, xb1
-                nxt = gl.minimum(sp + AHEAD, s_hi - 1)  # the last steps re-read their own span
-                if AHEAD > 1:
-                    words0, aq0 = words1, aq1
-                    words1 = gl.load(w_rows + nxt * 16)
-                    aq1 = gl.load(aq_rows + nxt)
-                else:
-                    words0 = gl.load(w_rows + nxt * 16)
-                    aq0 = gl.load(aq_rows + nxt)
-                xa0, xa1, xb0, xb1 = _span_x(x_words + gl.minimum(sp + 1, s_hi - 1) * 64, x_a, x_b)
-                a2 = gl.load(absmax2_ptr + ((blk_rows + 2 * sp) >> 8))  # one for both groups (even blocks)
-                acc = gl.inline_asm_elementwise(
-                    ASM, CONSTRAINTS, [cur, cxa0, cxa1, cxb0, cxb1, cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
-                    gl.float32, is_pure=True, pack=8)
-            gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
-            item += s_hi - s_lo
+        acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
+        for it in range(start, end):
+            # the next item's words and codes are loaded before this item's math (its own on the last)
+            n_tile, n_s = _next_item(it, tile, s, end, spans)
+            cur, cur_aq = words, aq
+            words, aq = _item_operands(n_tile, n_s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
+                                       EVEN_N)
+            rows = tile * BN + row_in_tile  # (REP, 16W, 1)
+            # one absmax2 for both groups (even blocks); rows past N read row N - 1's
+            a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s) >> 7))
+            acc = gl.inline_asm_elementwise(
+                ASM, CONSTRAINTS, [cur, (x_words + s * 64).to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
+                gl.float32, is_pure=True, pack=8)
+            flush = (s == spans - 1) | (it == end - 1)
+            if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed y
+                gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
+            acc = acc * (1 - flush.to(gl.float32))  # restart after a flush (acc is not rewritten inside the if)
+            tile, s = n_tile, n_s
 
         # Uses of the reservations that never write (the offset is never NaN): without a use Triton
         # drops them, and with this one at the end nothing else is placed in their space.
@@ -244,7 +255,7 @@ if gluon is not None:
 
 # 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file):
 # 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs (~130 registers, 3 per SM)
-DEFAULT_CONFIG = dict(W=4, REP=2, AHEAD=1, WAVES=4, MAXNREG=128)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128)
 _CHECKED: set = set()  # builds whose shared memory was checked
 
 
@@ -276,9 +287,10 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
     """(programs, items per program, constexprs): one wave of WAVES programs per SM sharing the
     (row tile, span) items evenly."""
     c = dict(DEFAULT_CONFIG, **(config or {}))
-    items = triton.cdiv(N, c["REP"] * 16 * c["W"]) * (K // (2 * BLOCKSIZE))
+    bn = c["REP"] * 16 * c["W"]
+    items = triton.cdiv(N, bn) * (K // (2 * BLOCKSIZE))
     per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
-    meta = dict(W=c["W"], REP=c["REP"], AHEAD=c["AHEAD"], num_warps=c["W"])
+    meta = dict(W=c["W"], REP=c["REP"], EVEN_N=N % bn == 0, num_warps=c["W"])
     if c.get("MAXNREG"):  # ptxas register cap: more programs per SM, at the price of spills
         meta["maxnreg"] = c["MAXNREG"]
     return triton.cdiv(items, per_program), per_program, meta
@@ -304,8 +316,9 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
     y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     compiled = _nf4_tc_kernel[(programs,)](
-        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), y, M, N, K,
-        per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2, **meta)
+        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), y,
+        M, N, K, per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE,
+        FILL_CODE2=_FILL_CODE2, **meta)
     key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
     if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
         if compiled.metadata.shared != SHARED_BYTES:
