@@ -121,6 +121,10 @@ class NF4Experts:
                         raise ValueError(f"NF4Experts: {name}.{field} of expert {e} is {t.dtype} on {t.device}"
                                          f"{'' if t.is_contiguous() else ', strided'}; the kernels need "
                                          f"contiguous {dtype} on {device}")
+                if q.packed.data_ptr() % 4:  # the row kernels read the codes as int32 words
+                    raise ValueError(f"NF4Experts: {name}.packed of expert {e} does not start on a 4-byte boundary "
+                                     "(a view at an odd offset?); store each expert's codes in its own tensor "
+                                     "(.clone())")
 
         def table(qs):  # (5, E)
             return [[getattr(q, field).data_ptr() for q in qs] for field in _FIELDS]

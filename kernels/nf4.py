@@ -63,6 +63,7 @@ Contract of the tile-dequant helper `nf4_dequant_tile`, for other kernels' fused
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,8 +173,16 @@ class NF4Tensor:
         return sum(t.numel() * t.element_size() for t in self.fields())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The six kernel arguments: packed, absmax, absmax2, code2, offset, nf4_pairs(device)."""
-        return (self.packed, self.absmax, self.absmax2, self.code2, self.offset, nf4_pairs(self.device))
+        """The six kernel arguments: packed, absmax, absmax2, code2, offset, nf4_pairs(device).
+
+        The kernels read the codes as int32 words: codes that do not start on a 4-byte boundary
+        (a view at an odd offset into a larger buffer) are copied for the call, with a warning."""
+        packed = self.packed
+        if packed.data_ptr() % 4:
+            warnings.warn("NF4 codes not 4-byte aligned (a view at an odd offset?): copying them for every kernel "
+                          "call; store them in their own tensor (.clone()) to avoid the copy", stacklevel=2)
+            packed = packed.clone()
+        return (packed, self.absmax, self.absmax2, self.code2, self.offset, nf4_pairs(self.device))
 
     def to(self, device) -> "NF4Tensor":
         return NF4Tensor(*(t.to(device) for t in self.fields()), shape=self.shape, dtype=self.dtype)

@@ -115,6 +115,11 @@ def test_pointer_tables_address_each_expert():
     assert w.packed_aligned and (w.hidden, w.intermediate, w.num_experts) == (64, 96, E)
     with pytest.raises(ValueError, match="w2 of expert 0 has shape"):
         K.NF4Experts.build(w.w1, w.w3, w.w1)
+    q = w.w3[1]  # codes at an odd offset: the row kernels would read int32 words misaligned
+    raw = torch.empty(q.packed.numel() + 2, dtype=torch.uint8, device=q.packed.device)
+    odd = K.NF4Tensor(raw[2:].copy_(q.packed), *q.fields()[1:], shape=q.shape, dtype=q.dtype)
+    with pytest.raises(ValueError, match="w3.packed of expert 1 does not start on a 4-byte boundary"):
+        K.NF4Experts.build(w.w1, [w.w3[0], odd, *w.w3[2:]], w.w2)
 
 
 # ---------------------------------------------------------------------------------------------

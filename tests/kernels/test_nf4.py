@@ -191,6 +191,21 @@ def test_gemv_matches_reference(M, N, Kd, dtype, split_k):
     assert _rel_err(y, x.float() @ w.float().T) < TOL[dtype]
 
 
+def test_codes_at_an_odd_offset_are_copied_aligned_for_the_kernels():
+    """The kernels read the codes as int32 words: a view that starts off a 4-byte boundary is copied
+    (with a warning) instead of being read misaligned."""
+    x, q, w = _problem(3, 80, 320, torch.float32)
+    raw = torch.empty(q.packed.numel() + 1, dtype=torch.uint8, device=q.packed.device)
+    odd = K.NF4Tensor(raw[1:].copy_(q.packed), *q.fields()[1:], shape=q.shape, dtype=q.dtype)
+    assert odd.packed.data_ptr() % 4
+    with pytest.warns(UserWarning, match="not 4-byte aligned"):
+        packed = odd.tensors()[0]
+    assert packed.data_ptr() % 4 == 0 and torch.equal(packed, q.packed)
+    with pytest.warns(UserWarning, match="not 4-byte aligned"):
+        y = K.nf4_gemv(x, odd, dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=2))
+    assert _rel_err(y, x.float() @ w.float().T) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("block_k", [128, 256])  # several quant blocks per step; K=192 ends mid-step
 def test_gemv_mma_multi_block_steps(block_k):
     x, q, w = _problem(5, 80, 192, torch.float16)
