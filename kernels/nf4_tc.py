@@ -30,6 +30,7 @@ one warp through a small interpreter (tests/kernels/test_nf4_tc.py). GPU tests r
 """
 import torch
 import triton
+import triton.language as tl
 
 from kernels.nf4 import (BLOCKSIZE, NF4Tensor, _absmax_reference, _check_2d, _num_sms, cuda_capability,
                          nf4_half_pairs)
@@ -255,8 +256,29 @@ if gluon is not None:
 
 # 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file):
 # 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs (~130 registers, 3 per SM)
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True)
 _CHECKED: set = set()  # builds whose shared memory was checked
+_RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
+
+
+@triton.jit
+def _cast_and_zero_kernel(acc_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y = acc in y's dtype, and acc = 0 for the next call (one launch instead of a fill and a cast)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(acc_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
+
+
+def resident_sums(device: torch.device, n: int) -> torch.Tensor:
+    """The zeroed fp32 buffer of n elements the programs add into, kept per (device, stream, n):
+    zeroed once, then left at zero by _cast_and_zero_kernel. Kept for good, so that a CUDA graph
+    that captured it keeps a valid buffer. Per stream, because two launches running at once
+    must not share it (the engine decodes on one stream)."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream, n)
+    if key not in _RESIDENT:
+        _RESIDENT[key] = torch.zeros(n, dtype=torch.float32, device=device)
+    return _RESIDENT[key]
 
 
 def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
@@ -270,11 +292,11 @@ def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
 
 
 def preferred_shape(M: int, N: int, K: int) -> bool:
-    """Where nf4_gemv's default takes this kernel (H100, CUDA-graph times, benchmarks/RESULTS.md
-    "Session 5"): from 2 to 8 rows on every Mixtral shape (3 rows: 21.3 vs 36.3 us at 14336x4096),
-    and at 1 row on big weights (14336x4096: 20.2 vs 21.7 us; 4096x14336: 20.6 vs 26.7); at 1 row
-    on 4096x4096 and smaller the CUDA-core kernel wins (11.0 vs 9.8 us)."""
-    return K % (2 * BLOCKSIZE) == 0 and (2 <= M <= MAX_TOKENS or (M == 1 and N * K >= 2**25))
+    """Where nf4_gemv's default takes this kernel: 1 to 8 rows, K a multiple of 128. Measured
+    (CUDA-graph times, benchmarks/RESULTS.md "Session 6"): faster than nf4_gemv's CUDA-core
+    kernels on every Mixtral shape at every row count, e.g. at 1 row 17.7 vs 21.2 us on
+    14336x4096 and 8.6 vs 9.6 us on 4096x4096 (H200, same call)."""
+    return K % (2 * BLOCKSIZE) == 0 and 1 <= M <= MAX_TOKENS
 
 
 def preferred(x: torch.Tensor, q: NF4Tensor) -> bool:
@@ -314,9 +336,10 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     if x.data_ptr() % 4:  # x is read as pairs (int32 words)
         x = x.clone()
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
-    y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    resident = (config or {}).get("RESIDENT", DEFAULT_CONFIG["RESIDENT"])
+    acc = resident_sums(x.device, M * N) if resident else torch.zeros(M * N, dtype=torch.float32, device=x.device)
     compiled = _nf4_tc_kernel[(programs,)](
-        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), y,
+        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
         M, N, K, per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE,
         FILL_CODE2=_FILL_CODE2, **meta)
     key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
@@ -325,4 +348,8 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
             raise RuntimeError(f"nf4_gemv_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
                                f"expected only its {SHARED_BYTES} bytes of tables; its PTX would read the wrong place")
         _CHECKED.add(key)
-    return y.to(x.dtype)
+    if not resident:
+        return acc.view(M, N).to(x.dtype)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _cast_and_zero_kernel[(triton.cdiv(M * N, 1024),)](acc, y, M * N, BLOCK=1024, num_warps=4)
+    return y

@@ -271,8 +271,19 @@ def test_plan_balances_items_in_one_wave():
     assert (programs, per) == (1, 1)
 
 
+@pytest.mark.parametrize("n", [1, 1000, 3 * 14336])
+def test_cast_and_zero_kernel(n):
+    """The launch after the GEMV (Triton interpreter): y gets the sums in its dtype, the sums
+    buffer is left at zero for the next call."""
+    acc = torch.randn(n, device=DEV)
+    want = acc.to(torch.float16)
+    y = torch.empty(n, dtype=torch.float16, device=DEV)
+    T._cast_and_zero_kernel[(-(-n // 1024),)](acc, y, n, BLOCK=1024)
+    assert torch.equal(y, want) and not acc.any()
+
+
 def test_dispatch_rule():
-    assert not T.preferred_shape(1, 4096, 4096) and not T.preferred_shape(1, 1024, 4096)
+    assert T.preferred_shape(1, 4096, 4096) and T.preferred_shape(1, 1024, 4096)
     assert T.preferred_shape(1, 4096, 14336) and T.preferred_shape(1, 14336, 4096)
     assert all(T.preferred_shape(m, 1024, 4096) for m in range(2, 9))
     assert not T.preferred_shape(9, 4096, 4096) and not T.preferred_shape(3, 4096, 4160)  # K % 128
@@ -296,7 +307,8 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
             q, x = _case(n, k, m, dtype, seed=m)
             q, x = q.to("cuda"), x.to("cuda")
             want = K.nf4_matmul_reference(x, q)
-            for config in (None, dict(WAVES=1), dict(W=8, REP=1), dict(WAVES=16), dict(W=4, REP=1, MAXNREG=96)):
+            for config in (None, dict(WAVES=1), dict(W=8, REP=1), dict(WAVES=16), dict(W=4, REP=1, MAXNREG=96),
+                           dict(RESIDENT=False)):
                 got = T.nf4_gemv_tc(x, q, config)
                 assert got.dtype == dtype and got.shape == (m, n)
                 assert _rel(got, want) < 2e-2, config
@@ -306,6 +318,9 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
         q, x = q.to("cuda"), x.to("cuda")
         first = T.nf4_gemv_tc(x, q)
         assert _rel(first, K.nf4_matmul_reference(x, q)) < 2e-2
+        for _ in range(3):  # the resident sums buffer is left at zero: no call sees another's sums
+            assert _rel(T.nf4_gemv_tc(x, q), first) < 1e-2
+        assert not T.resident_sums(x.device, x.shape[0] * q.shape[0]).any()
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         with torch.cuda.stream(stream), torch.cuda.graph(graph):
             y = T.nf4_gemv_tc(x, q)
