@@ -20,8 +20,11 @@ not grow with the token count:
 Layout: a program has W warps of 16 rows times REP row tiles; lane 4g + t holds words 4t..4t+3 of
 rows g and g + 8W of its warp (BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1]) over (REP, 16 W, 16)
 words), which are the rows of its MMA fragments; the PTX takes one row tile at a time (pack=8).
-Work: (row tile, span) items shared evenly by one wave of programs (stream-K), fp32 atomics into a
-zeroed output. The PTX owns its tables at offset 0 of the kernel's shared memory (`global_smem`);
+Work: (row tile, span) items shared evenly by one wave of programs (stream-K); a program walks its
+items as one stream, loading the next item's words while it computes this one's, and adds each
+tile's sums into an fp32 buffer with atomics; one more launch casts the sums to x's dtype and
+leaves the buffer at zero for the next call (`resident_sums`). The PTX reads x itself (every warp
+reads the same span: L1 hits), so no copy of x waits in registers. The PTX owns its tables at offset 0 of the kernel's shared memory (`global_smem`);
 two Gluon allocations reserve the space, and the launcher refuses a build whose shared memory is
 anything but those bytes.
 
@@ -254,8 +257,9 @@ if gluon is not None:
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-# 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file):
-# 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs (~130 registers, 3 per SM)
+# 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file;
+# session 5: 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs). RESIDENT: the sums
+# buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200)
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True)
 _CHECKED: set = set()  # builds whose shared memory was checked
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
@@ -294,8 +298,9 @@ def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
 def preferred_shape(M: int, N: int, K: int) -> bool:
     """Where nf4_gemv's default takes this kernel: 1 to 8 rows, K a multiple of 128. Measured
     (CUDA-graph times, benchmarks/RESULTS.md "Session 6"): faster than nf4_gemv's CUDA-core
-    kernels on every Mixtral shape at every row count, e.g. at 1 row 17.7 vs 21.2 us on
-    14336x4096 and 8.6 vs 9.6 us on 4096x4096 (H200, same call)."""
+    kernels on the Mixtral shapes at every row count, e.g. at 1 row 18.3 vs 21.6 us on 14336x4096
+    and 5.3 vs 6.4 us on 1024x4096 (H100, same call); on 4096x4096 at 1 row the two are close
+    (9.0 vs 9.7 us in one run, 9.1 vs 8.7 in benchmarks/nf4.py's)."""
     return K % (2 * BLOCKSIZE) == 0 and 1 <= M <= MAX_TOKENS
 
 
