@@ -24,9 +24,9 @@ Work: (row tile, span) items shared evenly by one wave of programs (stream-K); a
 items as one stream, loading the next item's words while it computes this one's, and adds each
 tile's sums into an fp32 buffer with atomics; one more launch casts the sums to x's dtype and
 leaves the buffer at zero for the next call (`resident_sums`). The PTX reads x itself (every warp
-reads the same span: L1 hits), so no copy of x waits in registers. The PTX owns its tables at offset 0 of the kernel's shared memory (`global_smem`);
-two Gluon allocations reserve the space, and the launcher refuses a build whose shared memory is
-anything but those bytes.
+reads the same span: L1 hits), so no copy of x waits in registers. The PTX owns its tables at
+offset 0 of the kernel's shared memory (`global_smem`); two Gluon allocations reserve the space, and
+the launcher refuses a build whose shared memory is anything but those bytes.
 
 CPU (no Gluon there): `emulate` is the kernel's arithmetic in PyTorch; tests also run the PTX for
 one warp through a small interpreter (tests/kernels/test_nf4_tc.py). GPU tests run the kernel.
@@ -238,7 +238,7 @@ if gluon is not None:
                 ASM, CONSTRAINTS, [cur, (x_words + s * 64).to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
-            if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed y
+            if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed sums
                 gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
             acc = acc * (1 - flush.to(gl.float32))  # restart after a flush (acc is not rewritten inside the if)
             tile, s = n_tile, n_s
@@ -343,18 +343,25 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
     resident = (config or {}).get("RESIDENT", DEFAULT_CONFIG["RESIDENT"])
     acc = resident_sums(x.device, M * N) if resident else torch.zeros(M * N, dtype=torch.float32, device=x.device)
-    compiled = _nf4_tc_kernel[(programs,)](
-        x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
-        M, N, K, per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE,
-        FILL_CODE2=_FILL_CODE2, **meta)
-    key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
-    if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
-        if compiled.metadata.shared != SHARED_BYTES:
-            raise RuntimeError(f"nf4_gemv_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
-                               f"expected only its {SHARED_BYTES} bytes of tables; its PTX would read the wrong place")
-        _CHECKED.add(key)
-    if not resident:
-        return acc.view(M, N).to(x.dtype)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _cast_and_zero_kernel[(triton.cdiv(M * N, 1024),)](acc, y, M * N, BLOCK=1024, num_warps=4)
-    return y
+    cast = False
+    try:
+        compiled = _nf4_tc_kernel[(programs,)](
+            x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
+            M, N, K, per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE,
+            FILL_CODE2=_FILL_CODE2, **meta)
+        key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
+        if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
+            if compiled.metadata.shared != SHARED_BYTES:
+                raise RuntimeError(f"nf4_gemv_tc: the kernel uses {compiled.metadata.shared} bytes of shared "
+                                   f"memory, expected only its {SHARED_BYTES} bytes of tables; its PTX would read "
+                                   "the wrong place")
+            _CHECKED.add(key)
+        if not resident:
+            return acc.view(M, N).to(x.dtype)
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        _cast_and_zero_kernel[(triton.cdiv(M * N, 1024),)](acc, y, M * N, BLOCK=1024, num_warps=4)
+        cast = True
+        return y
+    finally:
+        if resident and not cast:  # an error or an interrupt between the launches: leave the buffer at zero
+            acc.zero_()

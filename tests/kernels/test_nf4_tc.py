@@ -282,6 +282,24 @@ def test_cast_and_zero_kernel(n):
     assert torch.equal(y, want) and not acc.any()
 
 
+def test_a_failed_launch_leaves_the_resident_sums_at_zero(monkeypatch):
+    """If the GEMV launch (or anything before the cast launch) fails or is interrupted, the
+    resident buffer must not keep partial sums that the next call would add onto."""
+    q, x = _case(16, 128, 1, torch.bfloat16)
+    dirty = torch.ones(16)
+
+    class FailingLaunch:
+        def __getitem__(self, grid):
+            raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(T, "resident_sums", lambda device, n: dirty)
+    monkeypatch.setattr(T, "_num_sms", lambda device: 4)
+    monkeypatch.setattr(T, "_nf4_tc_kernel", FailingLaunch())
+    with pytest.raises(RuntimeError, match="launch failed"):
+        T.launch(x, q)
+    assert not dirty.any()
+
+
 def test_dispatch_rule():
     assert T.preferred_shape(1, 4096, 4096) and T.preferred_shape(1, 1024, 4096)
     assert T.preferred_shape(1, 4096, 14336) and T.preferred_shape(1, 14336, 4096)
