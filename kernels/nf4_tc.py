@@ -240,7 +240,8 @@ if gluon is not None:
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed sums
                 gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
-            acc = acc * (1 - flush.to(gl.float32))  # restart after a flush (acc is not rewritten inside the if)
+            # restart after a flush (a select, not a multiply by 0: an inf sum must not become NaN in the next tile)
+            acc = gl.where(flush, gl.zeros_like(acc), acc)
             tile, s = n_tile, n_s
 
         # Uses of the reservations that never write (the offset is never NaN): without a use Triton
