@@ -21,6 +21,34 @@ import engine.sampling as sampling
 from engine.sampling import generate
 
 
+def replayed_step_ms(model, replays: int = 20) -> float:
+    """GPU time of one decode step replayed from the graph that generate(reuse_graph=True) kept on
+    the model (best of 3 x `replays`, CUDA events), the step counter, cache slot and positions put
+    back before each replay (3 tiny copies, in the timing). Less noisy than differences of
+    end-to-end times, which include the host's per-step work."""
+    dec, graph = model._decode_reuse.dec, model._decode_reuse.runner.graph
+    t0, slot0, pos0 = torch.zeros_like(dec.t), dec.slot.clone(), dec.pos.clone()
+
+    def again():
+        dec.t.copy_(t0)
+        dec.slot.copy_(slot0)
+        dec.pos.copy_(pos0)
+        graph.replay()
+
+    again()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            again()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / replays)
+    return best
+
+
 def measure(layers):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -40,10 +68,12 @@ def measure(layers):
     reused = sampling.LAST_DECODE.get("reused")
     e2e16_reused = wall_median_ms(lambda: run(16, True))
     prefill = wall_median_ms(lambda: run(1))
+    run(4, True)  # a KV cache of 448 slots (404 rounded up to 64): room for the replays' slot
+    replayed = replayed_step_ms(model)
     r = {"layers": layers, "decode_path": decode_path, "weights_GB": weights_gb, "e2e_ms": e2e,
          "prefill_ms": prefill, "decode_step_ms": (e2e - prefill) / 31, "e2e_reused_ms": e2e_reused,
          "reused": reused, "decode_step_reused_ms": (e2e_reused - prefill) / 31,
-         "steady_step_ms": (e2e_reused - e2e16_reused) / 16, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+         "steady_step_ms": (e2e_reused - e2e16_reused) / 16, "replayed_step_ms": replayed, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     sampling.release_decode_graph(model)
     del model
     torch.cuda.empty_cache()
@@ -57,12 +87,19 @@ def main():
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--peer", default=None, help="JSON written by benchmarks/peer_seed_stack.py")
     p.add_argument("--no-tc", action="store_true", help="decode without kernels/nf4_tc.py (A/B against it)")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch every kernel in plain stream order (kernels/pdl.py; A/B against it)")
     a = p.parse_args()
     if a.no_tc:
         import kernels.nf4_tc
 
         kernels.nf4_tc.ENABLED = False
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "nf4_tc": not a.no_tc}
+    if a.no_pdl:
+        import kernels.pdl
+
+        kernels.pdl.ENABLED = False
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "nf4_tc": not a.no_tc,
+           "pdl": not a.no_pdl}
     for layers in (2, 4, a.layers):
         res[f"L{layers}"] = measure(layers)
     per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2
@@ -71,6 +108,7 @@ def main():
     rows = [("ours, 32 layers measured", big["decode_step_ms"], big["e2e_ms"]),
             ("ours, 32 layers, graph kept across calls", big["decode_step_reused_ms"], big["e2e_reused_ms"]),
             ("ours, 32 layers, steady step", big["steady_step_ms"], None),
+            ("ours, 32 layers, step replayed alone", big["replayed_step_ms"], None),
             ("ours, extrapolated from 2/4 layers", res["L32_decode_step_ms_extrapolated"], None)]
     if a.peer and not os.path.exists(a.peer):
         print(f"no peer results at {a.peer} (did benchmarks/peer_seed_stack.py finish?); ours only")

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.nf4 import (BLOCKSIZE, NF4Tensor, _absmax_reference, _check_2d, _num_sms, cuda_capability,
                          nf4_half_pairs)
 
@@ -139,12 +140,20 @@ def _asm(ty: str) -> str:
 
 TABLE_BYTES = 256 * 32 * 4  # the pair table: 256 byte values x 32 lanes, int32
 SHARED_BYTES = TABLE_BYTES + 256 * 4  # + code2
-ASM = {torch.bfloat16: _asm("bf16"), torch.float16: _asm("f16")}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}  # x dtypes, with their PTX type
+ASM = {dtype: _asm(ty) for dtype, ty in DTYPES.items()}
 CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 8 + ["r"] * 8 + ["f"] * 24)
 _FILL_TABLE = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $8; st.shared.v4.b32 [b], {$4, $5, $6, $7}; "
                "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
 _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shared.b32 [b+%d], $1; mov.b32 $0, 0; }"
                % TABLE_BYTES)
+
+
+def kernel_constexprs(dtype: torch.dtype) -> dict:
+    """The PTX strings _nf4_tc_kernel takes as constexprs, for x's dtype."""
+    return dict(ASM=ASM[dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2,
+                GDC_WAIT=pdl.GDC_WAIT, GDC_LAUNCH=pdl.GDC_LAUNCH)
+
 
 if gluon is not None:
 
@@ -174,7 +183,8 @@ if gluon is not None:
     def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
                        M, N, K, ITEMS_PER_PROGRAM,
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
+                       W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr, PDL: gl.constexpr,
                        num_warps: gl.constexpr):
         # Work: items (row tile of BN rows, span of 2 quant groups = 128 columns), tile-major; program p
         # takes items p * ITEMS_PER_PROGRAM ... as one stream (stream-K over one wave of programs), its
@@ -199,14 +209,11 @@ if gluon is not None:
         x_words = x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
         tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
         y_tok = (q1 % 4 < 2) & (tok < M)
-        off = gl.load(offset_ptr)
 
         start = gl.program_id(0) * ITEMS_PER_PROGRAM
         end = gl.minimum(start + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * spans)
         tile = start // spans  # the current item's row tile and span
         s = start - tile * spans
-        # the first item's loads are issued before the tables are filled: their DRAM latency overlaps it
-        words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN, EVEN_N)
 
         # Shared memory, written and read only by the PTX: bytes 0..TABLE_BYTES-1 the pair table
         # replicated per lane, then code2 (fp32). The two allocations reserve the space and are its
@@ -216,8 +223,24 @@ if gluon is not None:
         TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])  # a warp stores 512 contiguous bytes
         t_row = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))[:, None]
         t_off = (t_row * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, TL))[None, :]) * 4  # (256, 32) bytes
-        gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                  [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False, pack=4)
+        if PDL:
+            # Started while the previous kernel runs: let the next kernel (the cast) launch, fill the pair
+            # table (a constant of the device), then wait for the previous kernel before reading x, the
+            # sums buffer or the weights (any of which it may have written).
+            gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                      [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False,
+                                      pack=4)
+            gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
+            words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
+                                       EVEN_N)
+        else:  # the first item's loads are issued before the table fill: their DRAM latency overlaps it
+            words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
+                                       EVEN_N)
+            gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                      [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False,
+                                      pack=4)
+        off = gl.load(offset_ptr)
         CL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
         c_idx = gl.arange(0, 256, layout=CL)
         gl.inline_asm_elementwise(FILL_CODE2, "=r,r,r", [gl.load(code2_ptr.to(gl.pointer_type(gl.int32)) + c_idx),
@@ -261,14 +284,16 @@ if gluon is not None:
 # 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file;
 # session 5: 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs). RESIDENT: the sums
 # buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200)
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True)
 _CHECKED: set = set()  # builds whose shared memory was checked
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
 
 
 @triton.jit
-def _cast_and_zero_kernel(acc_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    """y = acc in y's dtype, and acc = 0 for the next call (one launch instead of a fill and a cast)."""
+def _cast_and_zero_kernel(acc_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """y = acc in y's dtype, and acc = 0 for the next call (one launch instead of a fill and a cast).
+    PDL: launched while the GEMV runs; lets the next kernel launch, then waits for the GEMV's sums."""
+    pdl.pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(y_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
@@ -291,7 +316,7 @@ def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
     multiple of 128, and NF4 fields aligned for the kernel's 4-byte word and 2-byte code loads (a
     checkpoint's tensors can be views at odd offsets)."""
     N, K = q.shape
-    return (gluon is not None and x.is_cuda and x.dtype in ASM and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS
+    return (gluon is not None and x.is_cuda and x.dtype in DTYPES and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS
             and N >= 1 and K >= 2 * BLOCKSIZE and K % (2 * BLOCKSIZE) == 0 and N * (K // BLOCKSIZE) < 2**31
             and q.packed.data_ptr() % 4 == 0 and q.absmax.data_ptr() % 2 == 0)
 
@@ -318,7 +343,7 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
     bn = c["REP"] * 16 * c["W"]
     items = triton.cdiv(N, bn) * (K // (2 * BLOCKSIZE))
     per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
-    meta = dict(W=c["W"], REP=c["REP"], EVEN_N=N % bn == 0, num_warps=c["W"])
+    meta = dict(W=c["W"], REP=c["REP"], EVEN_N=N % bn == 0, PDL=bool(c["PDL"]), num_warps=c["W"])
     if c.get("MAXNREG"):  # ptxas register cap: more programs per SM, at the price of spills
         meta["maxnreg"] = c["MAXNREG"]
     return triton.cdiv(items, per_program), per_program, meta
@@ -342,14 +367,14 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     if x.data_ptr() % 4:  # x is read as pairs (int32 words)
         x = x.clone()
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
+    meta["PDL"] = meta["PDL"] and pdl.enabled(x)  # griddepcontrol: sm_90+, and not switched off
     resident = (config or {}).get("RESIDENT", DEFAULT_CONFIG["RESIDENT"])
     acc = resident_sums(x.device, M * N) if resident else torch.zeros(M * N, dtype=torch.float32, device=x.device)
     cast = False
     try:
         compiled = _nf4_tc_kernel[(programs,)](
             x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
-            M, N, K, per_program, ASM=ASM[x.dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE,
-            FILL_CODE2=_FILL_CODE2, **meta)
+            M, N, K, per_program, **kernel_constexprs(x.dtype), launch_pdl=meta["PDL"], **meta)
         key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
         if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
             if compiled.metadata.shared != SHARED_BYTES:
@@ -360,7 +385,8 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
         if not resident:
             return acc.view(M, N).to(x.dtype)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        _cast_and_zero_kernel[(triton.cdiv(M * N, 1024),)](acc, y, M * N, BLOCK=1024, num_warps=4)
+        _cast_and_zero_kernel[(triton.cdiv(M * N, 1024),)](acc, y, M * N, BLOCK=1024, PDL=meta["PDL"], num_warps=4,
+                                                            launch_pdl=meta["PDL"])
         cast = True
         return y
     finally:

@@ -240,12 +240,11 @@ sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", co
            offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", M="i32", N="i32", K="i32", ITEMS_PER_PROGRAM="i32")
 pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-    for W, REP, cap, even in ((4, 2, 128, True), (4, 2, 128, False), (8, 1, None, True)):
-        consts = dict(ASM=T.ASM[dtype], CONSTRAINTS=T.CONSTRAINTS, FILL_TABLE=T._FILL_TABLE, FILL_CODE2=T._FILL_CODE2,
-                      W=W, REP=REP, EVEN_N=even, num_warps=W)
+    for W, REP, cap, even, pdl in ((4, 2, 128, True, True), (4, 2, 128, False, False), (8, 1, None, True, False)):
+        consts = dict(T.kernel_constexprs(dtype), W=W, REP=REP, EVEN_N=even, PDL=pdl, num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
-        print("RESULT", W, REP, k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
-              k.asm["ptx"].count("mma.sync"))
+        print("RESULT", W, REP, int(pdl), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
+              k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
 '''
 
 
@@ -254,7 +253,8 @@ def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
     assert len(rows) == 6
-    for w, rep, shared, reg, stack, local, has_mma, n_mma in rows:
+    for w, rep, pdl, shared, reg, stack, local, has_mma, n_mma, gdc in rows:
+        assert int(gdc) == 2 * int(pdl)  # PDL builds: one launch_dependents, one wait
         assert int(shared) == T.SHARED_BYTES  # the PTX reads the tables at offset 0: nothing else there
         assert int(stack) == 0 and int(local) == 0 and int(reg) <= 255  # no spills
         assert has_mma == "True" and int(n_mma) == 16 * int(rep)  # 16 MMAs per row tile and span
@@ -264,7 +264,7 @@ def test_plan_balances_items_in_one_wave():
     programs, per, meta = T.plan(14336, 4096, 132)
     items = (14336 // 128) * 32
     assert programs <= 4 * 132 and programs * per >= items and (programs - 1) * per < items
-    assert meta == dict(W=4, REP=2, EVEN_N=True, num_warps=4, maxnreg=128)
+    assert meta == dict(W=4, REP=2, EVEN_N=True, PDL=T.DEFAULT_CONFIG["PDL"], num_warps=4, maxnreg=128)
     assert not T.plan(14336 - 3, 4096, 132)[2]["EVEN_N"]  # rows past N in the last tile
     assert "maxnreg" not in T.plan(14336, 4096, 132, dict(MAXNREG=None))[2]
     programs, per, _ = T.plan(16, 128, 132)  # fewer items than programs: one item each
@@ -326,7 +326,7 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
             q, x = q.to("cuda"), x.to("cuda")
             want = K.nf4_matmul_reference(x, q)
             for config in (None, dict(WAVES=1), dict(W=8, REP=1), dict(WAVES=16), dict(W=4, REP=1, MAXNREG=96),
-                           dict(RESIDENT=False)):
+                           dict(RESIDENT=False), dict(PDL=not T.DEFAULT_CONFIG["PDL"])):
                 got = T.nf4_gemv_tc(x, q, config)
                 assert got.dtype == dtype and got.shape == (m, n)
                 assert _rel(got, want) < 2e-2, config
@@ -346,6 +346,29 @@ if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no inter
             graph.replay()
             torch.cuda.synchronize()
             assert _rel(y, first) < 1e-2
+
+    @pytest.mark.parametrize("pdl", [True, False])
+    def test_chained_calls_read_the_previous_call_output(pdl):
+        """Each call's x is the previous call's output, as in a decode step: with programmatic dependent
+        launch the next kernel starts early and must still wait for it, eagerly and in a graph."""
+        qs = [_case(512, 512, 3, torch.bfloat16, seed=i)[0].to("cuda") for i in range(4)]
+        x = _case(512, 512, 3, torch.bfloat16, seed=9)[1].to("cuda")
+
+        def chain(fn):
+            y = x
+            for q in qs:
+                y = fn(y, q)  # W ~ 0.05 N(0, 1) over 512 columns: y stays ~N(0, 1)
+            return y
+
+        want = chain(lambda y, q: K.nf4_matmul_reference(y, q))
+        assert _rel(chain(lambda y, q: T.nf4_gemv_tc(y, q, dict(PDL=pdl))), want) < 5e-2
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            got = chain(lambda y, q: T.nf4_gemv_tc(y, q, dict(PDL=pdl)))
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _rel(got, want) < 5e-2
 
     def test_nf4_gemv_dispatches_to_the_tensor_cores_where_measured_faster():
         q, x = _case(256, 1024, 3, torch.bfloat16)
