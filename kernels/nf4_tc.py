@@ -23,7 +23,9 @@ words), which are the rows of its MMA fragments; the PTX takes one row tile at a
 Work: (row tile, span) items shared evenly by one wave of programs (stream-K); a program walks its
 items as one stream, loading the next item's words while it computes this one's, and adds each
 tile's sums into an fp32 buffer with atomics; one more launch casts the sums to x's dtype and
-leaves the buffer at zero for the next call (`resident_sums`). The PTX reads x itself (every warp
+leaves the buffer at zero for the next call (`resident_sums`). Both launch with programmatic
+dependent launch (kernels/pdl.py) on sm_90: the GEMV's launch and table fill overlap the previous
+kernel, and it waits for that kernel before reading x. The PTX reads x itself (every warp
 reads the same span: L1 hits), so no copy of x waits in registers. The PTX owns its tables at
 offset 0 of the kernel's shared memory (`global_smem`); two Gluon allocations reserve the space, and
 the launcher refuses a build whose shared memory is anything but those bytes.
@@ -283,7 +285,8 @@ if gluon is not None:
 
 # 4 programs per SM with registers capped at 128 (4 x 128 threads x 128 registers = the register file;
 # session 5: 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs). RESIDENT: the sums
-# buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200)
+# buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200).
+# PDL: programmatic dependent launch of the GEMV and the cast (16.65 vs 17.63 us, H100, session 7)
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True)
 _CHECKED: set = set()  # builds whose shared memory was checked
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
@@ -323,10 +326,9 @@ def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
 
 def preferred_shape(M: int, N: int, K: int) -> bool:
     """Where nf4_gemv's default takes this kernel: 1 to 8 rows, K a multiple of 128. Measured
-    (CUDA-graph times, benchmarks/RESULTS.md "Session 6"): faster than nf4_gemv's CUDA-core
-    kernels on the Mixtral shapes at every row count, e.g. at 1 row 18.3 vs 21.6 us on 14336x4096
-    and 5.3 vs 6.4 us on 1024x4096 (H100, same call); on 4096x4096 at 1 row the two are close
-    (9.0 vs 9.7 us in one run, 9.1 vs 8.7 in benchmarks/nf4.py's)."""
+    (CUDA-graph times, benchmarks/RESULTS.md "Session 7"): faster than nf4_gemv's CUDA-core
+    kernels on the Mixtral shapes at every row count, e.g. at 1 row 16.65 vs 21.5 us on 14336x4096,
+    8.2 vs 9.8 on 4096x4096 and 4.3 vs 6.4 us on 1024x4096 (H100, same call)."""
     return K % (2 * BLOCKSIZE) == 0 and 1 <= M <= MAX_TOKENS
 
 
