@@ -182,6 +182,43 @@ if gluon is not None:
         return words, aq
 
     @gluon.jit
+    def _reserve_tables(W: gl.constexpr):
+        """The shared memory the PTX writes and reads itself: bytes 0..TABLE_BYTES-1 the pair table
+        replicated per lane, then code2 (fp32). These two allocations reserve the space and must be the
+        kernel's only ones (the launcher checks the size), so where Triton places each does not matter."""
+        res_table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        res_code2 = gl.allocate_shared_memory(gl.int32, [256], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return res_table, res_code2
+
+    @gluon.jit
+    def _fill_pair_table(pairs_ptr, W: gl.constexpr, FILL_TABLE: gl.constexpr):
+        """Entry b of lane l at word 32 b + l (a per-device constant: safe before a PDL wait)."""
+        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])  # a warp stores 512 contiguous bytes
+        t_row = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))[:, None]
+        t_off = (t_row * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, TL))[None, :]) * 4  # (256, 32) bytes
+        gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                  [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False, pack=4)
+
+    @gluon.jit
+    def _fill_code2(code2_ptr, W: gl.constexpr, FILL_CODE2: gl.constexpr):
+        CL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        c_idx = gl.arange(0, 256, layout=CL)
+        gl.inline_asm_elementwise(FILL_CODE2, "=r,r,r", [gl.load(code2_ptr.to(gl.pointer_type(gl.int32)) + c_idx),
+                                                        c_idx * 4], gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _keep_reservations(res_table, res_code2, f32_ptr, never, W: gl.constexpr):
+        """Uses of the reservations that never write (`never` is false): without a use Triton drops
+        them, and with this one at the kernel's end nothing else is placed in their space."""
+        KL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])
+        k_cols = gl.arange(0, 32, layout=gl.SliceLayout(0, KL))[None, :]
+        gl.atomic_add(f32_ptr + k_cols, res_table.slice(0, 1, dim=0).load(KL).to(gl.float32),
+                      mask=(k_cols >= 0) & never)
+        CL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        c_idx = gl.arange(0, 256, layout=CL)
+        gl.atomic_add(f32_ptr + c_idx, res_code2.load(CL).to(gl.float32), mask=(c_idx >= 0) & never)
+
+    @gluon.jit
     def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
                        M, N, K, ITEMS_PER_PROGRAM,
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
@@ -217,36 +254,22 @@ if gluon is not None:
         tile = start // spans  # the current item's row tile and span
         s = start - tile * spans
 
-        # Shared memory, written and read only by the PTX: bytes 0..TABLE_BYTES-1 the pair table
-        # replicated per lane, then code2 (fp32). The two allocations reserve the space and are its
-        # only ones (the launcher checks the size), so where Triton places each does not matter.
-        res_table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        res_code2 = gl.allocate_shared_memory(gl.int32, [256], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])  # a warp stores 512 contiguous bytes
-        t_row = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))[:, None]
-        t_off = (t_row * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, TL))[None, :]) * 4  # (256, 32) bytes
+        res_table, res_code2 = _reserve_tables(W)
         if PDL:
             # Started while the previous kernel runs: let the next kernel (the cast) launch, fill the pair
-            # table (a constant of the device), then wait for the previous kernel before reading x, the
-            # sums buffer or the weights (any of which it may have written).
+            # table, then wait for the previous kernel before reading x, the sums buffer or the weights
+            # (any of which it may have written).
             gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
-            gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                      [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False,
-                                      pack=4)
+            _fill_pair_table(pairs_ptr, W, FILL_TABLE)
             gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
             words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
                                        EVEN_N)
         else:  # the first item's loads are issued before the table fill: their DRAM latency overlaps it
             words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
                                        EVEN_N)
-            gl.inline_asm_elementwise(FILL_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                      [gl.load(pairs_ptr + t_row) + t_off * 0, t_off], gl.int32, is_pure=False,
-                                      pack=4)
+            _fill_pair_table(pairs_ptr, W, FILL_TABLE)
         off = gl.load(offset_ptr)
-        CL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        c_idx = gl.arange(0, 256, layout=CL)
-        gl.inline_asm_elementwise(FILL_CODE2, "=r,r,r", [gl.load(code2_ptr.to(gl.pointer_type(gl.int32)) + c_idx),
-                                                        c_idx * 4], gl.int32, is_pure=False, pack=1)
+        _fill_code2(code2_ptr, W, FILL_CODE2)
         _cta_barrier()
 
         acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
@@ -269,14 +292,7 @@ if gluon is not None:
             acc = gl.where(flush, gl.zeros_like(acc), acc)
             tile, s = n_tile, n_s
 
-        # Uses of the reservations that never write (the offset is never NaN): without a use Triton
-        # drops them, and with this one at the end nothing else is placed in their space.
-        never = off != off
-        KL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])
-        k_cols = gl.arange(0, 32, layout=gl.SliceLayout(0, KL))[None, :]
-        gl.atomic_add(y_ptr + k_cols, res_table.slice(0, 1, dim=0).load(KL).to(gl.float32),
-                      mask=(k_cols >= 0) & never)
-        gl.atomic_add(y_ptr + c_idx, res_code2.load(CL).to(gl.float32), mask=(c_idx >= 0) & never)
+        _keep_reservations(res_table, res_code2, y_ptr, off != off, W)  # the offset is never NaN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,15 +316,18 @@ def _cast_and_zero_kernel(acc_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.conste
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(y_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+    # Triton lays the zeros out differently from the load (4 vs 8 elements per thread): without the
+    # barrier one warp could zero sums another warp has not loaded yet (seen in kernels/moe_tc.py)
+    tl.debug_barrier()
     tl.store(acc_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
 
 
-def resident_sums(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed fp32 buffer of n elements the programs add into, kept per (device, stream, n):
+def resident_sums(device: torch.device, n: int, tag: str = "gemv") -> torch.Tensor:
+    """The zeroed fp32 buffer of n elements the programs add into, kept per (device, stream, n, tag):
     zeroed once, then left at zero by _cast_and_zero_kernel. Kept for good, so that a CUDA graph
     that captured it keeps a valid buffer. Per stream, because two launches running at once
     must not share it (the engine decodes on one stream)."""
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream, n)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream, n, tag)
     if key not in _RESIDENT:
         _RESIDENT[key] = torch.zeros(n, dtype=torch.float32, device=device)
     return _RESIDENT[key]
