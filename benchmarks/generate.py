@@ -89,7 +89,13 @@ def main():
     p.add_argument("--no-tc", action="store_true", help="decode without kernels/nf4_tc.py (A/B against it)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch every kernel in plain stream order (kernels/pdl.py; A/B against it)")
+    p.add_argument("--moe-rows", action="store_true",
+                   help="the MoE experts on the row kernels instead of kernels/moe_tc.py (A/B against it)")
     a = p.parse_args()
+    if a.moe_rows:
+        import kernels.moe
+
+        kernels.moe.TC_DEFAULT = False
     if a.no_tc:
         import kernels.nf4_tc
 
@@ -99,7 +105,7 @@ def main():
 
         kernels.pdl.ENABLED = False
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "nf4_tc": not a.no_tc,
-           "pdl": not a.no_pdl}
+           "pdl": not a.no_pdl, "moe_tc": not a.moe_rows}
     for layers in (2, 4, a.layers):
         res[f"L{layers}"] = measure(layers)
     per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2

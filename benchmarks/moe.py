@@ -29,6 +29,7 @@ from common import section as common_section
 from torch import nn
 
 from kernels import moe as K
+from kernels import moe_tc
 from models.moe import SparseMoE, route
 from models.nf4 import NF4Linear, replace_linears_with_nf4
 
@@ -162,10 +163,13 @@ def main():
             moe.backend = None
             rows = [("ours kernels", bench_ms(lambda: moe(x))),
                     ("ours kernels, CUDA graph", bench_ms(graphed(lambda: moe(x))))]
-            if T <= K.ROWS_MAX_TOKENS:  # the two MMA kernels, the default for few tokens before the row kernels
+            saved_tc, K.TC_DEFAULT = K.TC_DEFAULT, False  # the tensor-core kernels (kernels/moe_tc.py) off
+            if T <= K.ROWS_MAX_TOKENS:  # the row kernels (the default before moe_tc), then the two MMA kernels
+                rows.append(("ours row kernels, CUDA graph", bench_ms(graphed(lambda: moe(x)))))
                 saved, K.ROWS_MAX_TOKENS = K.ROWS_MAX_TOKENS, 0
                 rows.append(("ours MMA kernels, CUDA graph", bench_ms(graphed(lambda: moe(x)))))
                 K.ROWS_MAX_TOKENS = saved
+            K.TC_DEFAULT = saved_tc
             moe.backend = "reference"
             rows.append(("ours expert loop", bench_ms(lambda: moe(x))))
             moe.backend = None
@@ -195,6 +199,9 @@ def main():
             dn_bytes = n_exp * (nf4.w2[0].packed.numel() + nf4.w2[0].absmax.numel())
             rows_kernels = [("row kernels (gate_up + down + combine)", lambda: K.moe_decode_rows(x, weights, ids, nf4),
                              gu_bytes + dn_bytes)] if T <= K.ROWS_MAX_TOKENS else []
+            if moe_tc.supported(x, ids, nf4):
+                rows_kernels.append(("tensor-core kernels (plan, gate_up, swiglu, down, combine)",
+                                     lambda: moe_tc.moe_decode_tc(x, weights, ids, nf4), gu_bytes + dn_bytes))
             for what, fn, nb in rows_kernels + [("gate_up", lambda: K.moe_gate_up(x, ids, nf4), gu_bytes),
                                  ("down", lambda: K.moe_down(h, ids, weights, nf4), dn_bytes),
                                  ("combine", lambda: K.moe_combine(y, TOP_K, DT), 0),

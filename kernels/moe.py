@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import moe_tc
 from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _dot_precision, _nf4_nibble_table, _num_sms,
                          dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_half_pairs, nf4_rows_loop)
 
@@ -81,6 +82,7 @@ class NF4Experts:
     table13: torch.Tensor
     table2: torch.Tensor
     packed_aligned: bool  # every packed buffer starts on 16 bytes (the kernels' load hint)
+    code2_shared: bool = True  # every expert has w1[0]'s code2 (kernels/moe_tc.py keeps one copy)
 
     @property
     def num_experts(self) -> int:
@@ -132,7 +134,8 @@ class NF4Experts:
         ptrs13 = torch.tensor([table(w1), table(w3)], dtype=torch.int64)
         ptrs2 = torch.tensor(table(w2), dtype=torch.int64)
         aligned = all(q.packed.data_ptr() % 16 == 0 for q in (*w1, *w3, *w2))
-        return cls(list(w1), list(w3), list(w2), ptrs13.to(device), ptrs2.to(device), aligned)
+        shared = bool(torch.stack([q.code2 for q in (*w1, *w3, *w2)]).eq(w1[0].code2).all())  # one sync
+        return cls(list(w1), list(w3), list(w2), ptrs13.to(device), ptrs2.to(device), aligned, shared)
 
 
 @triton.jit
@@ -652,6 +655,9 @@ def moe_combine(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor
     return y.view(S, P // top_k, top_k, C).sum(dim=(0, 2)).to(dtype)
 
 
+TC_DEFAULT = True  # moe_decode takes kernels/moe_tc.py where it supports the call
+
+
 def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
                config: dict | None = None) -> torch.Tensor:
     """The MoE block's expert part for few tokens: out (T, C) = sum_k weight[t, k] * expert(x_t).
@@ -659,11 +665,15 @@ def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w:
     x (T, C) in the compute dtype; weights (T, top_k) routing weights; experts (T, top_k) ids.
     Two launches and one reduction, static shapes, no host sync (CUDA-graph safe).
     config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`, or with
-    "kernels": "rows" of `rows_config` (the row kernels); by default T <= ROWS_MAX_TOKENS tokens
-    take the row kernels when their tiles fit, more tokens the two MMA kernels.
+    "kernels": "rows" of `rows_config` (the row kernels) or "tc" (kernels/moe_tc.py, the tensor-core
+    core); by default kernels/moe_tc.py where it supports the call (TC_DEFAULT, 1-8 tokens on sm_90),
+    else T <= ROWS_MAX_TOKENS tokens take the row kernels when their tiles fit, more tokens the two
+    MMA kernels.
     """
     config = config or {}
     kernels = config.get("kernels")
+    if kernels == "tc" or (kernels is None and not config and TC_DEFAULT and moe_tc.supported(x, experts, w)):
+        return moe_tc.moe_decode_tc(x, weights, experts, w)
     if kernels == "rows" or (kernels is None and not config and _rows_ok(x, w)):
         return moe_decode_rows(x, weights, experts, w, config)
     h = moe_gate_up(x, experts, w, config.get("gate_up"))

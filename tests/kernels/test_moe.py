@@ -294,6 +294,7 @@ def test_row_kernels_are_the_default_for_few_tokens(monkeypatch):
     """Up to ROWS_MAX_TOKENS 16-bit tokens take the row kernels when the default tiles fit K;
     more tokens, fp32, or a K the tiles do not divide take the two MMA kernels."""
     calls, rows = [], K.moe_decode_rows
+    monkeypatch.setattr(K, "TC_DEFAULT", False)  # kernels/moe_tc.py's share: tests/kernels/test_moe_tc.py
     monkeypatch.setattr(K, "moe_decode_rows", lambda *a, **kw: calls.append("rows") or a[0])
     monkeypatch.setattr(K, "moe_gate_up", lambda *a, **kw: calls.append("mma") or a[0])
     monkeypatch.setattr(K, "moe_down", lambda h, ids, wt, w, c=None: torch.zeros(1, ids.numel(), w.hidden, device=DEV))

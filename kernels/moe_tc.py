@@ -1,0 +1,271 @@
+"""MoE decode experts on the tensor-core GEMV core (kernels/nf4_tc.py): 1-8 tokens, NF4, sm_90.
+
+Why: the row kernels (kernels/moe.py) run the CUDA-core loop, ~6 instructions per weight element
+(~1.5 TB/s at 3 tokens); the tensor-core core spends ~3.5 and does not grow with the token count.
+One launch streams every routed expert's w1 and w3 through it, one more every routed w2, the work
+shared evenly by one wave of programs (stream-K over (routed expert, weight, row tile, span) items,
+their number read on the device), so a launch's fixed cost is paid once per ~400 MB, not per weight.
+
+Five launches, static shapes, no host sync (CUDA-graph safe):
+1. plan (one program): R, the routed experts in order, each one's pair count and pairs;
+2. gate/up: G = x w1^T and U = x w3^T per (pair, row): fp32 atomics into resident sums;
+3. swiglu: h = silu(G) * U rounded to x's dtype (as the row kernels round it); G, U back to zero;
+4. down: Y = h w2^T per (pair, row), the same way;
+5. combine: out[t] = sum_k weight[t, k] * Y[t top_k + k] in fp32, cast; Y back to zero.
+
+An expert serves at most T pairs (a token's top-k experts are distinct), so its pairs fit the MMA's
+8 columns: lane column j reads pair j's activations (the first pair's where j >= the count; those
+columns are dropped). The code2 table in shared memory is expert 0's: NF4Experts.build records
+whether every expert has the same one (bitsandbytes' and our quantizer's fixed map), and
+`supported` requires it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels import nf4_tc as TC
+from kernels import pdl
+from kernels.nf4 import _num_sms, nf4_half_pairs
+
+MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, PDL=True)
+
+
+@triton.jit
+def _plan_kernel(ids_ptr, plan_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COLS: tl.constexpr):
+    """plan (int32): [0] R, the number of routed experts; [1 + s] the expert of slot s < R (ascending
+    ids); [1 + E + e] the number of pairs routed to e; [1 + 2E + COLS e + j] its j-th pair in pair
+    order (its first pair for j >= the count; pair 0 for an expert nobody picked)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_p = tl.arange(0, BLOCK_P)
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)  # (BP,) int64
+    match = ids[None, :] == offs_e[:, None]  # (BE, BP)
+    m32 = match.to(tl.int32)
+    count = tl.sum(m32, axis=1)  # (BE,)
+    rank = tl.cumsum(m32, axis=1) - 1  # (BE, BP): the pair's place among its expert's pairs
+    routed = (count > 0) & (offs_e < E)
+    slot = tl.cumsum(routed.to(tl.int32), axis=0) - 1
+    tl.store(plan_ptr, tl.sum(routed.to(tl.int32), axis=0))
+    tl.store(plan_ptr + 1 + slot, offs_e, mask=routed)
+    tl.store(plan_ptr + 1 + E + offs_e, count, mask=offs_e < E)
+    first = tl.sum(tl.where(match & (rank == 0), offs_p[None, :], 0), axis=1)  # (BE,)
+    for j in tl.static_range(COLS):
+        pj = tl.sum(tl.where(match & (rank == j), offs_p[None, :], 0), axis=1)
+        tl.store(plan_ptr + 1 + 2 * E + offs_e * COLS + j, tl.where(count > j, pj, first), mask=offs_e < E)
+
+
+def plan_reference(ids: torch.Tensor, E: int, cols: int = MAX_TOKENS) -> torch.Tensor:
+    """_plan_kernel's output in PyTorch (int32, 1 + 2E + cols E entries; unused slots are -1)."""
+    ids = ids.reshape(-1).tolist()
+    plan = [-1] * (1 + 2 * E + cols * E)
+    routed = sorted(set(ids))
+    plan[0] = len(routed)
+    for s, e in enumerate(routed):
+        plan[1 + s] = e
+    for e in range(E):
+        mine = [p for p, i in enumerate(ids) if i == e]
+        plan[1 + E + e] = len(mine)
+        for j in range(cols):
+            plan[1 + 2 * E + cols * e + j] = mine[j] if j < len(mine) else (mine[0] if mine else 0)
+    return torch.tensor(plan, dtype=torch.int32)
+
+
+@triton.jit
+def _swiglu_zero_kernel(gu_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    """h = silu(G) * U rounded to h's dtype (kernels.moe._swiglu's rounding); G = U = 0 after."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(gu_ptr + offs, mask=mask)
+    u = tl.load(gu_ptr + n + offs, mask=mask)
+    tl.store(h_ptr + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # every warp has loaded: the zeros' layout (Triton's choice) spans other warps' elements
+    tl.store(gu_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
+    tl.store(gu_ptr + n + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
+
+
+@triton.jit
+def _combine_zero_kernel(y_ptr, w_ptr, out_ptr, C, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_k w[t top_k + k] * Y[t top_k + k] (fp32, then out's dtype); Y = 0 after."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOP_K):
+        p = t * TOP_K + k
+        acc += tl.load(w_ptr + p).to(tl.float32) * tl.load(y_ptr + p * C + offs, mask=mask)
+    tl.store(out_ptr + t * C + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # Every warp has loaded before any zeroes: Triton lays the zeros out differently from the loads
+    # (4 vs 8 elements per thread), so a warp's zeros cover other warps' elements. Measured on an
+    # H100 before this barrier: wrong sums from element 128 on for 3 and 4 slots.
+    tl.debug_barrier()
+    for k in tl.static_range(TOP_K):
+        tl.store(y_ptr + (t * TOP_K + k) * C + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
+
+
+if TC.gluon is not None:
+    gluon, gl = TC.gluon, TC.gl
+
+    @gluon.jit
+    def _segment(seg, table_ptr, plan_ptr, E, MATS: gl.constexpr):
+        """Segment seg = slot x MATS + weight: its expert and the pointer to its weight's 5 NF4 fields
+        in the (MATS, 5, E) table of data_ptrs (packed, absmax, absmax2, code2, offset), E apart."""
+        slot = seg // MATS
+        e = gl.load(plan_ptr + 1 + slot)
+        return e, table_ptr + (seg - slot * MATS) * 5 * E + e
+
+    @gluon.jit
+    def _expert_item(seg, tile, s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN: gl.constexpr,
+                     MATS: gl.constexpr):
+        """Item (segment, row tile, span): the words (REP, 16W, 16) and absmax codes of its rows."""
+        e, fields = _segment(seg, table_ptr, plan_ptr, E, MATS)
+        words_ptr = gl.multiple_of(gl.load(fields).to(gl.pointer_type(gl.int32)), 16)  # the host checks
+        aq_ptr = gl.load(fields + E).to(gl.pointer_type(gl.int16))
+        base = (tile * BN).to(gl.int64) * spans + s
+        return gl.load(words_ptr + base * 16 + w_off), gl.load(aq_ptr + base + aq_off)
+
+    @gluon.jit
+    def _next_expert_item(it, seg, tile, s, end, tiles, spans):
+        """(segment, tile, span) of item it + 1 (of it itself at the last: the pipeline re-reads it)."""
+        s = s + (it + 1 < end).to(gl.int32)
+        wrap = (s == spans).to(gl.int32)
+        s = s - wrap * spans
+        tile = tile + wrap
+        wrap = (tile == tiles).to(gl.int32)
+        return seg + wrap, tile - wrap * tiles, s
+
+    @gluon.jit
+    def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, P, N, K, E, X_WORDS, ROW_DIV,
+                       ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
+                       MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
+                       PDL: gl.constexpr, num_warps: gl.constexpr):
+        # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
+        # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
+        BN: gl.constexpr = REP * 16 * W
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
+        spans = K // 128
+        tiles = N // BN
+        r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
+        r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
+        q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
+        row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
+        w_off = row_in_tile * (spans * 16) + q1
+        aq_off = row_in_tile * spans
+        col = r2 % 8  # the MMA column (pair) this lane loads activations for
+        x_col = 16 * (q1 // 4)  # its 16 words of the span
+        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: columns 2t, 2t + 1
+        acc_col = q1 % 4 < 2
+        pairs_of = plan_ptr + 1 + 2 * E  # (E, COLS)
+
+        res_table, res_code2 = TC._reserve_tables(W)
+        if PDL:  # the pair table is a device constant; the plan, x and the sums come from earlier kernels
+            gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
+            TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
+            gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
+        else:
+            TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
+        TC._fill_code2(code2_ptr, W, FILL_CODE2)
+
+        items = gl.load(plan_ptr) * (MATS * tiles * spans)  # R routed experts x MATS weights x tiles x spans
+        per = gl.cdiv(items, gl.num_programs(0))
+        start = gl.program_id(0) * per
+        end = gl.minimum(start + per, items)
+        first = gl.minimum(start, items - 1)
+        seg = first // (tiles * spans)
+        tile = (first - seg * (tiles * spans)) // spans
+        s = first - (seg * tiles + tile) * spans
+        words, aq = _expert_item(seg, tile, s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN, MATS)
+        TC._cta_barrier()
+
+        acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
+        for it in range(start, end):
+            n_seg, n_tile, n_s = _next_expert_item(it, seg, tile, s, end, tiles, spans)
+            cur, cur_aq = words, aq
+            words, aq = _expert_item(n_seg, n_tile, n_s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN, MATS)
+            cur_e, fields = _segment(seg, table_ptr, plan_ptr, E, MATS)
+            absmax2 = gl.load(fields + 2 * E).to(gl.pointer_type(gl.float32))
+            off = gl.load(gl.load(fields + 4 * E).to(gl.pointer_type(gl.float32)))
+            rows = tile * BN + row_in_tile  # (REP, 16W, 1)
+            a2 = gl.load(absmax2 + ((rows * spans + s) >> 7))
+            x_row = gl.load(pairs_of + cur_e * COLS + col) // ROW_DIV  # (1, 16W, 1)
+            x_words = x_ptr.to(gl.pointer_type(gl.int32)) + x_row.to(gl.int64) * X_WORDS + x_col + s * 64
+            acc = gl.inline_asm_elementwise(
+                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
+                gl.float32, is_pure=True, pack=8)
+            flush = (s == spans - 1) | (it == end - 1)
+            if flush:  # this program's share of the (expert, weight, tile) is done
+                n_pairs = gl.load(plan_ptr + 1 + E + cur_e)
+                pair = gl.load(pairs_of + cur_e * COLS + tok)  # (1, 1, 16)
+                gl.atomic_add(out_ptr + ((seg % MATS) * P + pair).to(gl.int64) * N + rows, acc,
+                              mask=acc_col & (tok < n_pairs), sem="relaxed")
+            acc = gl.where(flush, gl.zeros_like(acc), acc)
+            seg, tile, s = n_seg, n_tile, n_s
+
+        TC._keep_reservations(res_table, res_code2, out_ptr, items < 0, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def supported(x: torch.Tensor, experts: torch.Tensor, w) -> bool:
+    """Whether moe_decode_tc takes this call: Gluon, sm_90, CUDA bf16/fp16 x of 1..8 tokens, the
+    experts' rows a multiple of the 128-row tile and their columns of 128, one code2 for all experts
+    (NF4Experts.code2_shared) and 16-byte-aligned codes (the kernel's 16-byte word loads)."""
+    bn = DEFAULT_CONFIG["REP"] * 16 * DEFAULT_CONFIG["W"]
+    return (TC.gluon is not None and x.is_cuda and x.dtype in TC.DTYPES and x.dim() == 2
+            and 1 <= x.shape[0] <= MAX_TOKENS and TC.cuda_capability(x.device) == (9, 0)
+            and w.hidden % bn == 0 and w.intermediate % bn == 0 and w.hidden % 128 == 0
+            and w.intermediate % 128 == 0 and w.code2_shared and w.packed_aligned
+            and all(q.absmax.data_ptr() % 2 == 0 for q in (*w.w1, *w.w3, *w.w2)))
+
+
+def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, programs):
+    compiled = _moe_tc_kernel[(programs,)](
+        x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
+        x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
+        launch_pdl=meta["PDL"], **meta)
+    if compiled.metadata.shared != TC.SHARED_BYTES:  # the PTX's tables must be the only shared memory
+        raise RuntimeError(f"moe_decode_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
+                           f"expected only its {TC.SHARED_BYTES} bytes of tables")
+
+
+def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w,
+                  config: dict | None = None) -> torch.Tensor:
+    """kernels.moe.moe_decode on the tensor-core core: out (T, C) in x.dtype for 1..8 tokens.
+    x (T, C); weights, experts (T, top_k) (routing weights, int64 expert ids)."""
+    if not supported(x, experts, w):
+        raise ValueError(f"moe_decode_tc needs sm_90, bf16/fp16 x of 1..{MAX_TOKENS} tokens and NF4 experts whose "
+                         f"sizes are multiples of 128 with one code2 (got x {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}); kernels.moe.moe_decode serves the rest")
+    c = dict(DEFAULT_CONFIG, **(config or {}))
+    T, C = x.shape
+    top_k = experts.shape[-1]
+    P, I, E = experts.numel(), w.intermediate, w.num_experts
+    x = x.contiguous()
+    ids = experts.reshape(-1).contiguous()
+    meta = dict(W=c["W"], REP=c["REP"], PDL=bool(c["PDL"]) and pdl.enabled(x), num_warps=c["W"],
+                **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+    programs = c["WAVES"] * _num_sms(x.device)
+    plan = torch.empty(1 + 2 * E + MAX_TOKENS * E, dtype=torch.int32, device=x.device)
+    _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),
+                       BLOCK_E=max(2, triton.next_power_of_2(E)), COLS=MAX_TOKENS)
+    gu = TC.resident_sums(x.device, 2 * P * I, "moe_gate_up")  # (2, P, I): G then U, kept at zero
+    y = TC.resident_sums(x.device, P * C, "moe_down")  # (P, C)
+    done = False
+    try:
+        code2 = w.w1[0].code2
+        _launch(x, w.table13, plan, code2, gu, P, I, C, E, top_k, 2, meta, programs)
+        h = torch.empty((P, I), dtype=x.dtype, device=x.device)
+        _swiglu_zero_kernel[(triton.cdiv(P * I, 1024),)](gu, h, P * I, BLOCK=1024, num_warps=4)
+        _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, programs)
+        out = torch.empty((T, C), dtype=x.dtype, device=x.device)
+        _combine_zero_kernel[(T, triton.cdiv(C, 1024))](y, weights.reshape(-1).contiguous(), out, C, TOP_K=top_k,
+                                                       BLOCK=1024, num_warps=4)
+        done = True
+        return out
+    finally:
+        if not done:  # an error between the launches: the next call must find the sums at zero
+            gu.zero_()
+            y.zero_()
