@@ -24,11 +24,12 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_tc as TC
-from kernels import pdl
 from kernels.nf4 import _num_sms, nf4_half_pairs
 
 MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, PDL=True)
+# As kernels/nf4_tc.py's GEMV (4 programs of 4 warps per SM, registers capped at 128). No programmatic
+# dependent launch: measured 105.2 vs 107.2 us with it at 1 token, 256.2 vs 257.1 at 3 (H100, session 7).
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128)
 
 
 @triton.jit
@@ -114,12 +115,20 @@ if TC.gluon is not None:
         return e, table_ptr + (seg - slot * MATS) * 5 * E + e
 
     @gluon.jit
-    def _expert_item(seg, tile, s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN: gl.constexpr,
-                     MATS: gl.constexpr):
-        """Item (segment, row tile, span): the words (REP, 16W, 16) and absmax codes of its rows."""
+    def _segment_state(seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS: gl.constexpr, COLS: gl.constexpr):
+        """What the items of segment seg share: its expert; its weight's codes, absmax codes and nested
+        absmax (pointers) and double-quant offset; and the activation row each lane's column reads."""
         e, fields = _segment(seg, table_ptr, plan_ptr, E, MATS)
         words_ptr = gl.multiple_of(gl.load(fields).to(gl.pointer_type(gl.int32)), 16)  # the host checks
         aq_ptr = gl.load(fields + E).to(gl.pointer_type(gl.int16))
+        absmax2 = gl.load(fields + 2 * E).to(gl.pointer_type(gl.float32))
+        off = gl.load(gl.load(fields + 4 * E).to(gl.pointer_type(gl.float32)))
+        x_row = gl.load(plan_ptr + 1 + 2 * E + e * COLS + col) // ROW_DIV  # (1, 16W, 1)
+        return e, words_ptr, aq_ptr, absmax2, off, x_row
+
+    @gluon.jit
+    def _expert_item(words_ptr, aq_ptr, tile, s, spans, w_off, aq_off, BN: gl.constexpr):
+        """Item (segment, row tile, span): the words (REP, 16W, 16) and absmax codes of its rows."""
         base = (tile * BN).to(gl.int64) * spans + s
         return gl.load(words_ptr + base * 16 + w_off), gl.load(aq_ptr + base + aq_off)
 
@@ -138,7 +147,7 @@ if TC.gluon is not None:
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
                        FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
                        MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
-                       PDL: gl.constexpr, num_warps: gl.constexpr):
+                       num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
         BN: gl.constexpr = REP * 16 * W
@@ -158,12 +167,7 @@ if TC.gluon is not None:
         pairs_of = plan_ptr + 1 + 2 * E  # (E, COLS)
 
         res_table, res_code2 = TC._reserve_tables(W)
-        if PDL:  # the pair table is a device constant; the plan, x and the sums come from earlier kernels
-            gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
-            TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
-            gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
-        else:
-            TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
+        TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
         TC._fill_code2(code2_ptr, W, FILL_CODE2)
 
         items = gl.load(plan_ptr) * (MATS * tiles * spans)  # R routed experts x MATS weights x tiles x spans
@@ -174,23 +178,23 @@ if TC.gluon is not None:
         seg = first // (tiles * spans)
         tile = (first - seg * (tiles * spans)) // spans
         s = first - (seg * tiles + tile) * spans
-        words, aq = _expert_item(seg, tile, s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN, MATS)
+        e, wp, ap, a2p, off, x_row = _segment_state(seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS, COLS)
+        words, aq = _expert_item(wp, ap, tile, s, spans, w_off, aq_off, BN)
         TC._cta_barrier()
 
         acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
         for it in range(start, end):
             n_seg, n_tile, n_s = _next_expert_item(it, seg, tile, s, end, tiles, spans)
             cur, cur_aq = words, aq
-            words, aq = _expert_item(n_seg, n_tile, n_s, spans, table_ptr, plan_ptr, E, w_off, aq_off, BN, MATS)
-            cur_e, fields = _segment(seg, table_ptr, plan_ptr, E, MATS)
-            absmax2 = gl.load(fields + 2 * E).to(gl.pointer_type(gl.float32))
-            off = gl.load(gl.load(fields + 4 * E).to(gl.pointer_type(gl.float32)))
+            cur_e, cur_a2p, cur_off, cur_row = e, a2p, off, x_row
+            if n_seg != seg:  # a new segment (rare: a program meets 1-3): its state, for the prefetch
+                e, wp, ap, a2p, off, x_row = _segment_state(n_seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS, COLS)
+            words, aq = _expert_item(wp, ap, n_tile, n_s, spans, w_off, aq_off, BN)
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
-            a2 = gl.load(absmax2 + ((rows * spans + s) >> 7))
-            x_row = gl.load(pairs_of + cur_e * COLS + col) // ROW_DIV  # (1, 16W, 1)
-            x_words = x_ptr.to(gl.pointer_type(gl.int32)) + x_row.to(gl.int64) * X_WORDS + x_col + s * 64
+            a2 = gl.load(cur_a2p + ((rows * spans + s) >> 7))
+            x_words = x_ptr.to(gl.pointer_type(gl.int32)) + cur_row.to(gl.int64) * X_WORDS + x_col + s * 64
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
+                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, cur_off, acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the (expert, weight, tile) is done
@@ -225,7 +229,7 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, pr
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
         x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
-        launch_pdl=meta["PDL"], **meta)
+        **meta)
     if compiled.metadata.shared != TC.SHARED_BYTES:  # the PTX's tables must be the only shared memory
         raise RuntimeError(f"moe_decode_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
                            f"expected only its {TC.SHARED_BYTES} bytes of tables")
@@ -245,8 +249,7 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     P, I, E = experts.numel(), w.intermediate, w.num_experts
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
-    meta = dict(W=c["W"], REP=c["REP"], PDL=bool(c["PDL"]) and pdl.enabled(x), num_warps=c["W"],
-                **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+    meta = dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
     programs = c["WAVES"] * _num_sms(x.device)
     plan = torch.empty(1 + 2 * E + MAX_TOKENS * E, dtype=torch.int32, device=x.device)
     _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),

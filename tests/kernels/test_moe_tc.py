@@ -86,8 +86,8 @@ _BUILD = textwrap.dedent(r'''
                P="i32", N="i32", K="i32", E="i32", X_WORDS="i32", ROW_DIV="i32")
     pointers = [n for n in sig if n.endswith("ptr")]
     for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-        for mats, pdl in ((2, True), (1, False)):
-            consts = dict(TC.kernel_constexprs(dtype), MATS=mats, COLS=8, W=4, REP=2, PDL=pdl, num_warps=4)
+        for mats in (2, 1):
+            consts = dict(TC.kernel_constexprs(dtype), MATS=mats, COLS=8, W=4, REP=2, num_warps=4)
             k, u = sm90_compile(M._moe_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=4, maxnreg=128)
             print("RESULT", mats, k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], k.asm["ptx"].count("mma.sync"))
 ''')
@@ -128,7 +128,7 @@ if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfl
             g = torch.Generator().manual_seed(i)
             x = torch.randn(T, C, generator=g).to("cuda", dtype)
             wt = torch.softmax(torch.randn(T, k, generator=g), -1).to("cuda", dtype)
-            for config in (None, dict(PDL=False), dict(WAVES=1)):
+            for config in (None, dict(WAVES=1), dict(REP=1)):
                 got = M.moe_decode_tc(x, wt, ids, w, config)
                 want = K.moe_decode_reference(x, wt, ids, w)
                 assert got.dtype == dtype and got.shape == (T, C)
