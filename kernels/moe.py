@@ -83,6 +83,7 @@ class NF4Experts:
     table2: torch.Tensor
     packed_aligned: bool  # every packed buffer starts on 16 bytes (the kernels' load hint)
     code2_shared: bool = True  # every expert has w1[0]'s code2 (kernels/moe_tc.py keeps one copy)
+    absmax_aligned: bool = True  # every absmax buffer starts on 2 bytes (moe_tc reads codes in pairs)
 
     @property
     def num_experts(self) -> int:
@@ -135,7 +136,9 @@ class NF4Experts:
         ptrs2 = torch.tensor(table(w2), dtype=torch.int64)
         aligned = all(q.packed.data_ptr() % 16 == 0 for q in (*w1, *w3, *w2))
         shared = bool(torch.stack([q.code2 for q in (*w1, *w3, *w2)]).eq(w1[0].code2).all())  # one sync
-        return cls(list(w1), list(w3), list(w2), ptrs13.to(device), ptrs2.to(device), aligned, shared)
+        absmax_aligned = all(q.absmax.data_ptr() % 2 == 0 for q in (*w1, *w3, *w2))
+        return cls(list(w1), list(w3), list(w2), ptrs13.to(device), ptrs2.to(device), aligned, shared,
+                   absmax_aligned)
 
 
 @triton.jit
