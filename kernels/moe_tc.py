@@ -27,9 +27,14 @@ from kernels import nf4_tc as TC
 from kernels.nf4 import _num_sms, nf4_half_pairs
 
 MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
-# As kernels/nf4_tc.py's GEMV (4 programs of 4 warps per SM, registers capped at 128). No programmatic
-# dependent launch: measured 105.2 vs 107.2 us with it at 1 token, 256.2 vs 257.1 at 3 (H100, session 7).
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128)
+# As kernels/nf4_tc.py's GEMV: 4 warps, 2 row tiles, registers capped at 128 (4 programs per SM). Unlike
+# it, many short programs: ITEMS items per program at the most experts the pairs can route to (so
+# several waves; at least WAVES); the hardware then balances the SMs. No programmatic dependent launch:
+# measured 105.2 vs 107.2 us with it at 1 token, 256.2 vs 257.1 at 3 (H100, session 7). ITEMS=10 against
+# one wave (H100, Mixtral experts, benchmarks/moe_tc_ab.py): 108 vs 104 us at 1 token, 226 vs 258 at 3,
+# 313 vs 361 at 8 (ITEMS 6: 104 / 234 / 314; 16: 107 / 240 / 323; 24: 134 / 255 / 344). The dense GEMV
+# has too few items for this (3584 on 14336x4096: 1 wave is 6.8 per program) and is best at 1 wave.
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=10)
 
 
 @triton.jit
@@ -224,7 +229,15 @@ def supported(x: torch.Tensor, experts: torch.Tensor, w) -> bool:
             and w.intermediate % 128 == 0 and w.code2_shared and w.packed_aligned and w.absmax_aligned)
 
 
-def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, programs):
+def programs_for(c: dict, sms: int, max_items: int) -> int:
+    """Programs of one launch: at least WAVES x SMs, and max_items / ITEMS when that is more."""
+    return max(c["WAVES"] * sms, triton.cdiv(max_items, c["ITEMS"]) if c.get("ITEMS") else 0)
+
+
+def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c):
+    bn = meta["REP"] * 16 * meta["W"]
+    max_items = min(P, E) * mats * (N // bn) * (K // 128)  # every pair on its own expert
+    programs = programs_for(c, _num_sms(x_rows.device), max_items)
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
         x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
@@ -249,7 +262,6 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
     meta = dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
-    programs = c["WAVES"] * _num_sms(x.device)
     plan = torch.empty(1 + 2 * E + MAX_TOKENS * E, dtype=torch.int32, device=x.device)
     _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),
                        BLOCK_E=max(2, triton.next_power_of_2(E)), COLS=MAX_TOKENS)
@@ -258,10 +270,10 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     done = False
     try:
         code2 = w.w1[0].code2
-        _launch(x, w.table13, plan, code2, gu, P, I, C, E, top_k, 2, meta, programs)
+        _launch(x, w.table13, plan, code2, gu, P, I, C, E, top_k, 2, meta, c)
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         _swiglu_zero_kernel[(triton.cdiv(P * I, 1024),)](gu, h, P * I, BLOCK=1024, num_warps=4)
-        _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, programs)
+        _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, c)
         out = torch.empty((T, C), dtype=x.dtype, device=x.device)
         _combine_zero_kernel[(T, triton.cdiv(C, 1024))](y, weights.reshape(-1).contiguous(), out, C, TOP_K=top_k,
                                                        BLOCK=1024, num_warps=4)
