@@ -32,9 +32,11 @@ MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
 # several waves; at least WAVES); the hardware then balances the SMs. No programmatic dependent launch:
 # measured 105.2 vs 107.2 us with it at 1 token, 256.2 vs 257.1 at 3 (H100, session 7). ITEMS=10 against
 # one wave (H100, Mixtral experts, benchmarks/moe_tc_ab.py): 108 vs 104 us at 1 token, 226 vs 258 at 3,
-# 313 vs 361 at 8 (ITEMS 6: 104 / 234 / 314; 16: 107 / 240 / 323; 24: 134 / 255 / 344). The dense GEMV
-# has too few items for this (3584 on 14336x4096: 1 wave is 6.8 per program) and is best at 1 wave.
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=10)
+# 313 vs 361 at 8 (ITEMS 6: 104 / 234 / 314; 16: 107 / 240 / 323; 24: 134 / 255 / 344); in two later runs
+# ITEMS 8 read 1% under 10 at 3 and 8 tokens (220-222 / 311-314 us), 12 above. Other shapes lost there:
+# 3 uncapped programs per SM, 8 warps x 1 or 2 row tiles. The dense GEMV has too few items for this
+# (3584 on 14336x4096: one wave is 6.8 per program) and is best at one wave.
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8)
 
 
 @triton.jit

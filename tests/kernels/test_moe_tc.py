@@ -165,6 +165,6 @@ if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfl
 def test_programs_cover_the_items_in_short_streams():
     """ITEMS items per program at the most experts the pairs could pick, and never less than a wave."""
     c = dict(M.DEFAULT_CONFIG, ITEMS=10)
-    assert M.programs_for(c, 132, 43008) == 4301  # 3 tokens, top-2: 6 experts x 2 weights x 112 x 32
+    assert M.programs_for(c, 132, 43008) == 4301  # 3 tokens, top-2: 6 experts x 2 weights x 112 x 32, 10 each
     assert M.programs_for(c, 132, 1000) == c["WAVES"] * 132  # few items: one wave
     assert M.programs_for(dict(c, ITEMS=None), 132, 43008) == c["WAVES"] * 132
