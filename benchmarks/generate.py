@@ -91,7 +91,13 @@ def main():
                    help="launch every kernel in plain stream order (kernels/pdl.py; A/B against it)")
     p.add_argument("--moe-rows", action="store_true",
                    help="the MoE experts on the row kernels instead of kernels/moe_tc.py (A/B against it)")
+    p.add_argument("--no-fused-qkv", action="store_true",
+                   help="q, k, v as three GEMVs instead of one multi-weight launch (A/B against it)")
     a = p.parse_args()
+    if a.no_fused_qkv:
+        import models.transformer
+
+        models.transformer.FUSED_QKV = False
     if a.moe_rows:
         import kernels.moe
 
@@ -105,7 +111,7 @@ def main():
 
         kernels.pdl.ENABLED = False
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "nf4_tc": not a.no_tc,
-           "pdl": not a.no_pdl, "moe_tc": not a.moe_rows}
+           "pdl": not a.no_pdl, "moe_tc": not a.moe_rows, "fused_qkv": not a.no_fused_qkv}
     for layers in (2, 4, a.layers):
         res[f"L{layers}"] = measure(layers)
     per = (res["L4"]["decode_step_ms"] - res["L2"]["decode_step_ms"]) / 2

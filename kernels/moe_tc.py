@@ -154,9 +154,10 @@ if TC.gluon is not None:
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
                        FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
                        MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
+        # PER_SEGMENT (multi_gemv: every token is a pair of every segment): out (R, P, N), by segment.
         BN: gl.constexpr = REP * 16 * W
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
         spans = K // 128
@@ -207,7 +208,8 @@ if TC.gluon is not None:
             if flush:  # this program's share of the (expert, weight, tile) is done
                 n_pairs = gl.load(plan_ptr + 1 + E + cur_e)
                 pair = gl.load(pairs_of + cur_e * COLS + tok)  # (1, 1, 16)
-                gl.atomic_add(out_ptr + ((seg % MATS) * P + pair).to(gl.int64) * N + rows, acc,
+                out_seg = seg if PER_SEGMENT else seg % MATS
+                gl.atomic_add(out_ptr + (out_seg * P + pair).to(gl.int64) * N + rows, acc,
                               mask=acc_col & (tok < n_pairs), sem="relaxed")
             acc = gl.where(flush, gl.zeros_like(acc), acc)
             seg, tile, s = n_seg, n_tile, n_s
@@ -236,14 +238,16 @@ def programs_for(c: dict, sms: int, max_items: int) -> int:
     return max(c["WAVES"] * sms, triton.cdiv(max_items, c["ITEMS"]) if c.get("ITEMS") else 0)
 
 
-def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c):
+def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c, active=None, per_segment=False):
+    """One _moe_tc_kernel launch; `active`: the most segments' slots the plan can fill (default: every
+    pair on its own expert)."""
     bn = meta["REP"] * 16 * meta["W"]
-    max_items = min(P, E) * mats * (N // bn) * (K // 128)  # every pair on its own expert
+    max_items = (min(P, E) if active is None else active) * mats * (N // bn) * (K // 128)
     programs = programs_for(c, _num_sms(x_rows.device), max_items)
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
         x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
-        **meta)
+        PER_SEGMENT=per_segment, **meta)
     if compiled.metadata.shared != TC.SHARED_BYTES:  # the PTX's tables must be the only shared memory
         raise RuntimeError(f"moe_decode_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
                            f"expected only its {TC.SHARED_BYTES} bytes of tables")
@@ -285,3 +289,108 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         if not done:  # an error between the launches: the next call must find the sums at zero
             gu.zero_()
             y.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several weights over the same rows in one launch (attention's q, k and v while decoding)
+# ----------------------------------------------------------------------------------------------
+# The same kernel with a fixed plan: every weight cut into segments of `rows` rows (an "expert" each,
+# its pointers offset into the weight's buffers), every token a pair of every segment. One launch and
+# one cast instead of three GEMV launches and three casts.
+
+_MULTI: dict = {}  # (device, every segment's pointers, tokens) -> (table, plan, rows): kept for good
+
+
+def segment_rows(weights, bn: int = DEFAULT_CONFIG["REP"] * 16 * DEFAULT_CONFIG["W"]) -> int | None:
+    """The largest of 1024 / 512 / 256 / 128 rows that divides every weight's rows, is a multiple of the
+    kernel's row tile, and starts each segment on a nested-absmax block (rows x K / 64 % 256 == 0);
+    None if none does."""
+    for rows in (1024, 512, 256, 128):
+        if rows % bn == 0 and all(q.shape[0] % rows == 0 and (rows * q.shape[1] // 64) % 256 == 0 for q in weights):
+            return rows
+    return None
+
+
+def segment_table(weights, rows: int) -> list[list[int]]:
+    """(5, R) data_ptrs of each segment's packed codes, absmax codes, nested absmax, code2, offset."""
+    table: list[list[int]] = [[], [], [], [], []]
+    for q in weights:
+        N, K = q.shape
+        for r0 in range(0, N, rows):
+            blocks = r0 * K // 64
+            for field, ptr in enumerate((q.packed.data_ptr() + r0 * K // 2, q.absmax.data_ptr() + blocks,
+                                         q.absmax2.data_ptr() + 4 * (blocks // 256), q.code2.data_ptr(),
+                                         q.offset.data_ptr())):
+                table[field].append(ptr)
+    return table
+
+
+def multi_supported(x: torch.Tensor, weights) -> bool:
+    """Whether multi_gemv takes x (T, K) times these NF4 weights: sm_90, bf16/fp16, 1..8 rows, one K
+    (a multiple of 128), segment rows that fit (segment_rows), 16-byte-aligned codes, 2-byte-aligned
+    absmax codes."""
+    if not (TC.gluon is not None and x.is_cuda and x.dtype in TC.DTYPES and x.dim() == 2
+            and 1 <= x.shape[0] <= MAX_TOKENS and TC.cuda_capability(x.device) == (9, 0)):
+        return False
+    K = x.shape[1]
+    return (K % 128 == 0 and all(q.shape[1] == K for q in weights) and segment_rows(weights) is not None
+            and all(q.packed.data_ptr() % 16 == 0 and q.absmax.data_ptr() % 2 == 0 for q in weights))
+
+
+def _multi_plan(x: torch.Tensor, weights):
+    T = x.shape[0]
+    rows = segment_rows(weights)
+    table = segment_table(weights, rows)
+    # keyed by every pointer the table holds: a weight's buffers may be freed and others allocated at
+    # some of the same addresses
+    key = (str(x.device), rows, tuple(map(tuple, table)), T)
+    if key not in _MULTI:
+        if torch.cuda.is_current_stream_capturing():  # the code2 check below syncs: not inside a capture
+            return None
+        if not bool(torch.stack([q.code2 for q in weights]).eq(weights[0].code2).all()):
+            _MULTI[key] = None  # one code2 table for all: not these weights
+        else:
+            R = len(table[0])
+            plan = [R, *range(R), *[T] * R] + [j if j < T else 0 for _ in range(R) for j in range(MAX_TOKENS)]
+            _MULTI[key] = (torch.tensor([table], dtype=torch.int64, device=x.device),
+                           torch.tensor(plan, dtype=torch.int32, device=x.device), rows)
+    return _MULTI[key]
+
+
+@triton.jit
+def _segments_cast_zero_kernel(out_ptr, y_ptr, T, ROWS, COLS, BLOCK: tl.constexpr):
+    """y[t, s ROWS + n] = out[s, t, n] in y's dtype; out = 0 after. Program (segment s, token t)."""
+    s, t = tl.program_id(0), tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROWS
+    src = out_ptr + (s * T + t) * ROWS + offs
+    tl.store(y_ptr + t * COLS + s * ROWS + offs, tl.load(src, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # every warp has loaded before any zeroes (see _combine_zero_kernel)
+    tl.store(src, tl.zeros([BLOCK], tl.float32), mask=mask)
+
+
+def multi_gemv(x: torch.Tensor, weights, config: dict | None = None) -> torch.Tensor | None:
+    """[x W_i^T] side by side: (T, sum N_i) in x's dtype, one GEMV launch and one cast; None when the
+    weights do not share one code2 (or their first call is inside a CUDA-graph capture): the caller
+    runs them one by one. Check multi_supported first."""
+    entry = _multi_plan(x, weights)
+    if entry is None:
+        return None
+    table, plan, rows = entry
+    c = dict(DEFAULT_CONFIG, **(config or {}))
+    T, K = x.shape
+    R = table.shape[-1]
+    cols = sum(q.shape[0] for q in weights)
+    x = x.contiguous()
+    meta = dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+    out = TC.resident_sums(x.device, R * T * rows, "multi_gemv")  # (R, T, rows)
+    done = False
+    try:
+        _launch(x, table, plan, weights[0].code2, out, T, rows, K, R, 1, 1, meta, c, active=R, per_segment=True)
+        y = torch.empty((T, cols), dtype=x.dtype, device=x.device)
+        _segments_cast_zero_kernel[(R, T)](out, y, T, rows, cols, BLOCK=triton.next_power_of_2(rows), num_warps=4)
+        done = True
+        return y
+    finally:
+        if not done:
+            out.zero_()

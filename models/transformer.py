@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels import moe_tc
 from kernels.attention import decode_attention
 from kernels.attention import fits as decode_attention_fits
 from kernels.norm import add_rms_norm
@@ -31,6 +32,7 @@ from kernels.rope import rope_qkv
 from kernels.swiglu import swiglu
 from models.config import ModelConfig
 from models.moe import SparseMoE
+from models.nf4 import NF4Linear
 
 
 class RMSNorm(nn.Module):
@@ -98,6 +100,24 @@ class LayerContext:
     attention_mask: torch.Tensor | None = None  # (B|1, S) for decode_attention
 
 
+FUSED_QKV = True  # decoding: q, k and v of plain NF4Linear layers in one launch (kernels.moe_tc.multi_gemv)
+
+
+def fused_qkv(attn: "Attention", x: torch.Tensor) -> tuple | None:
+    """(q, k, v) from one multi-weight GEMV launch when attn's projections are plain NF4Linear
+    layers without bias in x's dtype and moe_tc.multi_gemv takes x (decoding on sm_90); else None.
+    q, k, v are column slices of one (B*T, sum N) tensor."""
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if not (FUSED_QKV and x.is_cuda and all(type(m) is NF4Linear and m.bias is None
+                                            and m.compute_dtype in (None, x.dtype) for m in layers)):
+        return None
+    weights = [m.nf4 for m in layers]
+    if not moe_tc.multi_supported(x, weights):
+        return None
+    y = moe_tc.multi_gemv(x, weights)
+    return None if y is None else tuple(y.split([m.out_features for m in layers], dim=1))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -112,7 +132,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx: LayerContext):
         """x (B*T, C): linear layers see 2-D inputs (CPU matmuls on (B, 1, C) are pathologically slow)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B*T, H*D), (B*T, K*D), (B*T, K*D)
+        qkv = fused_qkv(self, x) if ctx.kernels else None
+        q, k, v = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # (B*T, H*D), (B*T, K*D), (B*T, K*D)
         y = self._attend_fused(q, k, v, ctx) if ctx.kernels else self._attend(q, k, v, ctx)  # (B*T, H*D)
         return self.o_proj(y)
 

@@ -86,8 +86,9 @@ _BUILD = textwrap.dedent(r'''
                P="i32", N="i32", K="i32", E="i32", X_WORDS="i32", ROW_DIV="i32")
     pointers = [n for n in sig if n.endswith("ptr")]
     for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-        for mats in (2, 1):
-            consts = dict(TC.kernel_constexprs(dtype), MATS=mats, COLS=8, W=4, REP=2, num_warps=4)
+        for mats, per_segment in ((2, False), (1, True)):
+            consts = dict(TC.kernel_constexprs(dtype), MATS=mats, COLS=8, W=4, REP=2, PER_SEGMENT=per_segment,
+                          num_warps=4)
             k, u = sm90_compile(M._moe_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=4, maxnreg=128)
             print("RESULT", mats, k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], k.asm["ptx"].count("mma.sync"))
 ''')
@@ -168,3 +169,105 @@ def test_programs_cover_the_items_in_short_streams():
     assert M.programs_for(c, 132, 43008) == 4301  # 3 tokens, top-2: 6 experts x 2 weights x 112 x 32, 10 each
     assert M.programs_for(c, 132, 1000) == c["WAVES"] * 132  # few items: one wave
     assert M.programs_for(dict(c, ITEMS=None), 132, 43008) == c["WAVES"] * 132
+
+
+# ----------------------------------------------------------------------------------------------
+# Several weights over the same rows (attention's q, k, v while decoding): multi_gemv
+# ----------------------------------------------------------------------------------------------
+
+
+def test_segments_of_several_weights():
+    """Segment rows: the largest of 1024/512/256/128 dividing every weight whose segments start on a
+    nested-absmax block; each segment's pointers are offset into its weight's buffers."""
+    q = [quantize_nf4(torch.randn(n, k)) for n, k in ((4096, 4096), (1024, 4096), (1024, 4096))]
+    assert M.segment_rows(q) == 1024
+    assert M.segment_rows([quantize_nf4(torch.randn(384, 512))]) == 128
+    assert M.segment_rows([quantize_nf4(torch.randn(200, 512))]) is None  # no row count fits
+    assert M.segment_rows([quantize_nf4(torch.randn(384, 192))]) is None  # 128 rows: 384 blocks, not % 256
+    table = M.segment_table(q, 1024)
+    assert len(table) == 5 and len(table[0]) == 6
+    assert table[0][1] - table[0][0] == 1024 * 4096 // 2  # packed codes: 2 per byte
+    assert table[1][3] - table[1][0] == 3 * 1024 * 4096 // 64  # absmax codes: one per 64
+    assert table[2][2] - table[2][0] == 4 * 2 * 1024 * 4096 // 64 // 256  # nested absmax: fp32, one per 256
+    assert table[0][4] == q[1].packed.data_ptr() and table[4][5] == q[2].offset.data_ptr()
+
+
+@pytest.mark.parametrize("T,R,rows", [(1, 3, 128), (3, 6, 256), (8, 2, 1024)])
+def test_segments_cast_zero_kernel(T, R, rows):
+    out = torch.randn(R * T * rows, device=DEV)
+    want = out.view(R, T, rows).permute(1, 0, 2).reshape(T, R * rows).half()
+    y = torch.empty(T, R * rows, dtype=torch.float16, device=DEV)
+    M._segments_cast_zero_kernel[(R, T)](out, y, T, rows, R * rows, BLOCK=rows)
+    assert torch.equal(y, want) and not out.any()
+
+
+def test_multi_gemv_refuses_cpu():
+    q = [quantize_nf4(torch.randn(256, 512)) for _ in range(2)]
+    assert not M.multi_supported(torch.zeros(2, 512, dtype=torch.float16), q)
+
+
+if torch.cuda.is_available() and TC.gluon is not None and torch.cuda.get_device_capability() == (9, 0):
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("T,shapes", [(1, [(512, 512), (256, 512), (256, 512)]),
+                                          (3, [(4096, 4096), (1024, 4096), (1024, 4096)]),
+                                          (8, [(384, 256), (128, 256)])])
+    def test_multi_gemv_matches_each_weight(T, shapes, dtype):
+        from kernels.nf4 import nf4_matmul_reference
+        g = torch.Generator().manual_seed(T)
+        q = [quantize_nf4((torch.randn(n, k, generator=g) * 0.05).cuda()) for n, k in shapes]
+        x = torch.randn(T, shapes[0][1], generator=g).to("cuda", dtype)
+        assert M.multi_supported(x, q)
+        want = torch.cat([nf4_matmul_reference(x, w) for w in q], dim=1)
+        for _ in range(2):  # the sums are back at zero after each call
+            got = M.multi_gemv(x, q)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 2e-2
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            y = M.multi_gemv(x, q)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((y.float() - want.float()).abs().max() / want.float().abs().max()).item() < 2e-2
+
+    def test_decoding_takes_the_fused_qkv_and_gives_the_same_logits():
+        """A Mistral-like model whose attention projections fit multi_gemv: decode steps with
+        q, k, v in one launch give the logits of three separate GEMVs."""
+        import models.transformer as MT
+        from models.config import ModelConfig
+        from models.nf4 import replace_linears_with_nf4
+
+        cfg = ModelConfig(model_type="mistral", vocab_size=256, hidden_size=512, intermediate_size=512,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64)
+        torch.manual_seed(0)
+        model = MT.Transformer(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
+        model = model.to("cuda", torch.bfloat16)
+        replace_linears_with_nf4(model)
+        ids = torch.randint(0, 256, (3, 6), device="cuda")
+        calls, real = [], M.multi_gemv
+        M.multi_gemv = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+
+        def logits(fused):
+            MT.FUSED_QKV = fused
+            out = []
+            with torch.no_grad():
+                model.setup_kv_cache(3, 16)
+                try:
+                    model(ids[:, :4], input_pos=torch.arange(4, device="cuda"))
+                    for t in (4, 5):
+                        out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
+                finally:
+                    model.clear_kv_cache()
+                    MT.FUSED_QKV = True
+            return torch.cat(out, 1).float()
+
+        try:
+            fused, separate = logits(True), logits(False)
+        finally:
+            M.multi_gemv = real
+        assert len(calls) == 2 * cfg.num_hidden_layers  # two decode steps, every layer (not the prefill)
+        assert ((fused - separate).abs().max() / separate.abs().max()).item() < 2e-2
