@@ -3,8 +3,10 @@
 Why: the row kernels (kernels/moe.py) run the CUDA-core loop, ~6 instructions per weight element
 (~1.5 TB/s at 3 tokens); the tensor-core core spends ~3.5 and does not grow with the token count.
 One launch streams every routed expert's w1 and w3 through it, one more every routed w2, the work
-shared evenly by one wave of programs (stream-K over (routed expert, weight, row tile, span) items,
-their number read on the device), so a launch's fixed cost is paid once per ~400 MB, not per weight.
+shared evenly by many short programs (stream-K over (routed expert, weight, row tile, span) items,
+their number read on the device; the hardware balances the SMs), so a launch's fixed cost is paid
+once per ~400 MB, not per weight. multi_gemv (at the end) runs the same kernel over several weights
+that share their rows: attention's q, k and v while decoding.
 
 Five launches, static shapes, no host sync (CUDA-graph safe):
 1. plan (one program): R, the routed experts in order, each one's pair count and pairs;
