@@ -160,6 +160,7 @@ if TC.gluon is not None:
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
         # PER_SEGMENT (multi_gemv: every token is a pair of every segment): out (R, P, N), by segment.
+        # GDC_WAIT / GDC_LAUNCH come with nf4_tc.kernel_constexprs and are unused here (no PDL: measured neutral).
         BN: gl.constexpr = REP * 16 * W
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
         spans = K // 128
