@@ -41,6 +41,23 @@ def wall_median_ms(fn, warm: int = 1, rep: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cuda_ms(fn, calls: int, repeats: int = 1) -> float:
+    """GPU milliseconds per call of fn(): CUDA events around `calls` back-to-back calls, the best of
+    `repeats` such runs. For work already captured (a graph's replay) or too long to warm up twice."""
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
 def bench_graph_us(calls, reps: int = 20) -> float:
     """Median microseconds per call of `calls` (a list of thunks) replayed back to back from one
     CUDA graph: no launch gaps, as in graph-captured decoding. Give calls on different inputs (more

@@ -38,6 +38,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import engine.sampling as sampling  # noqa: E402
+from benchmarks.common import cuda_ms  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.moe import SparseMoE  # noqa: E402
 from models.nf4 import NF4Linear, replace_linears_with_nf4  # noqa: E402
@@ -242,13 +243,7 @@ def profile_cuda(model: Transformer, backend: str | None, replays: int = 20) -> 
     if graph.graph is None:
         r["graph_step_ms"], r["graph_failed"] = None, graph.failed
     else:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph()
-        end.record()
-        torch.cuda.synchronize()
-        r["graph_step_ms"] = start.elapsed_time(end) / replays
+        r["graph_step_ms"] = cuda_ms(graph, replays)
     del graph
     model.clear_kv_cache()
     return r

@@ -14,7 +14,7 @@ import json
 import os
 import torch
 
-from common import wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
+from common import cuda_ms, wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
 
 from benchmarks.mixtral_random import random_nf4_mixtral
 import engine.sampling as sampling
@@ -36,17 +36,7 @@ def replayed_step_ms(model, replays: int = 20) -> float:
         graph.replay()
 
     again()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            again()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / replays)
-    return best
+    return cuda_ms(again, replays, repeats=3)
 
 
 def measure(layers):

@@ -154,13 +154,11 @@ if TC.gluon is not None:
     @gluon.jit
     def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, P, N, K, E, X_WORDS, ROW_DIV,
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
-                       MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
                        PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
         # PER_SEGMENT (multi_gemv: every token is a pair of every segment): out (R, P, N), by segment.
-        # GDC_WAIT / GDC_LAUNCH come with nf4_tc.kernel_constexprs and are unused here (no PDL: measured neutral).
         BN: gl.constexpr = REP * 16 * W
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
         spans = K // 128
@@ -241,6 +239,11 @@ def programs_for(c: dict, sms: int, max_items: int) -> int:
     return max(c["WAVES"] * sms, triton.cdiv(max_items, c["ITEMS"]) if c.get("ITEMS") else 0)
 
 
+def _meta(c: dict) -> dict:
+    """The launch's tile constexprs and options from a config."""
+    return dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+
+
 def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c, active=None, per_segment=False):
     """One _moe_tc_kernel launch; `active`: the most segments' slots the plan can fill (default: every
     pair on its own expert)."""
@@ -251,9 +254,7 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
         x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
         PER_SEGMENT=per_segment, **meta)
-    if compiled.metadata.shared != TC.SHARED_BYTES:  # the PTX's tables must be the only shared memory
-        raise RuntimeError(f"moe_decode_tc: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
-                           f"expected only its {TC.SHARED_BYTES} bytes of tables")
+    TC.check_shared(compiled, "moe_tc")
 
 
 def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w,
@@ -270,7 +271,7 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     P, I, E = experts.numel(), w.intermediate, w.num_experts
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
-    meta = dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+    meta = _meta(c)
     plan = torch.empty(1 + 2 * E + MAX_TOKENS * E, dtype=torch.int32, device=x.device)
     _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),
                        BLOCK_E=max(2, triton.next_power_of_2(E)), COLS=MAX_TOKENS)
@@ -385,7 +386,7 @@ def multi_gemv(x: torch.Tensor, weights, config: dict | None = None) -> torch.Te
     R = table.shape[-1]
     cols = sum(q.shape[0] for q in weights)
     x = x.contiguous()
-    meta = dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
+    meta = _meta(c)
     out = TC.resident_sums(x.device, R * T * rows, "multi_gemv")  # (R, T, rows)
     done = False
     try:

@@ -152,9 +152,25 @@ _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shar
 
 
 def kernel_constexprs(dtype: torch.dtype) -> dict:
-    """The PTX strings _nf4_tc_kernel takes as constexprs, for x's dtype."""
-    return dict(ASM=ASM[dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2,
-                GDC_WAIT=pdl.GDC_WAIT, GDC_LAUNCH=pdl.GDC_LAUNCH)
+    """The PTX strings a kernel on this core takes as constexprs (its MMA block and table fills), for
+    x's dtype; _nf4_tc_kernel also takes PDL_PTX."""
+    return dict(ASM=ASM[dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2)
+
+
+PDL_PTX = dict(GDC_WAIT=pdl.GDC_WAIT, GDC_LAUNCH=pdl.GDC_LAUNCH)
+_CHECKED: set = set()  # builds whose shared memory was checked
+
+
+def check_shared(compiled, what: str) -> None:
+    """The PTX owns the first SHARED_BYTES of shared memory: refuse a build (checked once per build;
+    Triton specializes M == 1 and alignments) that places anything else there."""
+    key = getattr(compiled, "hash", None) or id(compiled)
+    if key not in _CHECKED:
+        if compiled.metadata.shared != SHARED_BYTES:
+            raise RuntimeError(f"{what}: the kernel uses {compiled.metadata.shared} bytes of shared memory, "
+                               f"expected only its {SHARED_BYTES} bytes of tables; its PTX would read the "
+                               "wrong place")
+        _CHECKED.add(key)
 
 
 if gluon is not None:
@@ -304,7 +320,6 @@ if gluon is not None:
 # buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200).
 # PDL: programmatic dependent launch of the GEMV and the cast (16.65 vs 17.63 us, H100, session 7)
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True)
-_CHECKED: set = set()  # builds whose shared memory was checked
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
 
 
@@ -395,14 +410,8 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     try:
         compiled = _nf4_tc_kernel[(programs,)](
             x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
-            M, N, K, per_program, **kernel_constexprs(x.dtype), launch_pdl=meta["PDL"], **meta)
-        key = getattr(compiled, "hash", None) or id(compiled)  # each build (Triton specializes M == 1, alignments)
-        if key not in _CHECKED:  # the PTX owns the first SHARED_BYTES: nothing else may live there
-            if compiled.metadata.shared != SHARED_BYTES:
-                raise RuntimeError(f"nf4_gemv_tc: the kernel uses {compiled.metadata.shared} bytes of shared "
-                                   f"memory, expected only its {SHARED_BYTES} bytes of tables; its PTX would read "
-                                   "the wrong place")
-            _CHECKED.add(key)
+            M, N, K, per_program, **kernel_constexprs(x.dtype), **PDL_PTX, launch_pdl=meta["PDL"], **meta)
+        check_shared(compiled, "nf4_gemv_tc")
         if not resident:
             return acc.view(M, N).to(x.dtype)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)

@@ -16,11 +16,11 @@ then wait), the 32-layer step became 0.5 ms slower (13.0 vs 12.5 ms), so they st
 Use: a kernel takes `PDL: tl.constexpr`, calls `pdl_start(PDL)` (or its own wait after work that
 reads only constants), and is launched with `PDL=p, launch_pdl=p` where `p = pdl.enabled(tensor)`.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.nf4 import cuda_capability
 
 ENABLED = True  # False: plain stream order everywhere (A/B runs: benchmarks/generate.py --no-pdl)
 
@@ -40,10 +40,4 @@ def pdl_start(PDL: tl.constexpr):
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels working on t launch with PDL: CUDA, compute capability 9.0 or later, and
     not turned off (ENABLED). The Triton interpreter runs no inline PTX, so CPU tensors never do."""
-    return ENABLED and t.is_cuda and _capability(t.device.index if t.device.index is not None
-                                                 else torch.cuda.current_device()) >= (9, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return ENABLED and t.is_cuda and cuda_capability(t.device) >= (9, 0)

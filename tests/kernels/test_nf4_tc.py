@@ -241,7 +241,7 @@ sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", co
 pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
     for W, REP, cap, even, pdl in ((4, 2, 128, True, True), (4, 2, 128, False, False), (8, 1, None, True, False)):
-        consts = dict(T.kernel_constexprs(dtype), W=W, REP=REP, EVEN_N=even, PDL=pdl, num_warps=W)
+        consts = dict(T.kernel_constexprs(dtype), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl, num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
         print("RESULT", W, REP, int(pdl), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
               k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
