@@ -14,29 +14,11 @@ import json
 import os
 import torch
 
-from common import cuda_ms, wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
+from common import replayed_step_ms, wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
 
 from benchmarks.mixtral_random import random_nf4_mixtral
 import engine.sampling as sampling
 from engine.sampling import generate
-
-
-def replayed_step_ms(model, replays: int = 20) -> float:
-    """GPU time of one decode step replayed from the graph that generate(reuse_graph=True) kept on
-    the model (best of 3 x `replays`, CUDA events), the step counter, cache slot and positions put
-    back before each replay (3 tiny copies, in the timing). Less noisy than differences of
-    end-to-end times, which include the host's per-step work."""
-    dec, graph = model._decode_reuse.dec, model._decode_reuse.runner.graph
-    t0, slot0, pos0 = torch.zeros_like(dec.t), dec.slot.clone(), dec.pos.clone()
-
-    def again():
-        dec.t.copy_(t0)
-        dec.slot.copy_(slot0)
-        dec.pos.copy_(pos0)
-        graph.replay()
-
-    again()
-    return cuda_ms(again, replays, repeats=3)
 
 
 def measure(layers):

@@ -7,7 +7,9 @@ Sampling is temperature + top-p through the Gumbel-max trick with counter-based 
 uniform draw for (seed, stream, step, token) is a hash of those four numbers. A sequence's
 tokens therefore depend only on its own stream id (the caller's row id and the sample index),
 never on what else shares the batch, so a shared prefill gives exactly the tokens of
-independent runs, on CPU and GPU alike.
+independent runs, on CPU and GPU alike. Top-p keeps a token when the mass of strictly larger
+logits is below top_p (ties kept or dropped together). On CUDA one launch samples and records
+each step (kernels.sampling, `FUSED_SAMPLING`); elsewhere the PyTorch reference runs.
 
 Decode steps run on static buffers (`_Decoder`): the last tokens, their positions and cache slot,
 the step counter, the outputs and the done flags are device tensors updated in place, and a step
@@ -25,63 +27,22 @@ from __future__ import annotations
 
 import torch
 
-_M32 = 0xFFFFFFFF
+from kernels import sampling as sampling_kernels
+from kernels.sampling import noise, sample_reference, stream_keys, token_hashes
 
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2^32)."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def stream_keys(seed: int, streams: torch.Tensor) -> torch.Tensor:
-    """(S,) stream ids -> (S,) per-stream keys of the noise hash."""
-    return _hash32(_hash32(torch.tensor(seed & _M32, device=streams.device)) ^ streams.long())
-
-
-def token_hashes(vocab: int, device) -> torch.Tensor:
-    """(V,) the per-token half of the noise hash."""
-    return _hash32(torch.arange(vocab, device=device, dtype=torch.long) * 0x85EBCA6B)
-
-
-def _noise(keys: torch.Tensor, step, tok: torch.Tensor) -> torch.Tensor:
-    """(S, V) uniforms in (0, 1) from stream keys (S,), a step (int or (1,) tensor), token hashes (V,)."""
-    key = _hash32(keys ^ (step * 0x9E3779B9 & _M32))  # (S,)
-    bits = _hash32(key[:, None] ^ tok[None, :]) >> 8  # (S, V), 24 random bits
-    return (bits.float() + 0.5) / float(1 << 24)
+FUSED_SAMPLING = True  # on CUDA, sample and record each step in one launch (kernels.sampling)
 
 
 def uniform_noise(seed: int, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(S,) stream ids -> (S, vocab) uniforms in (0, 1), a pure function of its arguments."""
-    return _noise(stream_keys(seed, streams), step, token_hashes(vocab, streams.device))
-
-
-def _sample(logits: torch.Tensor, keys: torch.Tensor, step, tok: torch.Tensor, temperature: float,
-            top_p: float) -> torch.Tensor:
-    """logits (S, V) -> next tokens (S,); no host sync (step may be a device tensor)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    gumbel = -torch.log(-torch.log(_noise(keys, step, tok)))
-    return (logits + gumbel).argmax(dim=-1)
+    return noise(stream_keys(seed, streams), step, token_hashes(vocab, streams.device))
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, seed: int,
                 streams: torch.Tensor, step: int) -> torch.Tensor:
     """logits (S, V) -> next tokens (S,). temperature <= 0 means greedy."""
-    return _sample(logits, stream_keys(seed, streams), step, token_hashes(logits.shape[-1], logits.device),
-                   temperature, top_p)
+    return sample_reference(logits, stream_keys(seed, streams), step, token_hashes(logits.shape[-1], logits.device),
+                            temperature, top_p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +91,13 @@ class _Decoder:
         self.hit.zero_()
 
     def record(self, logits: torch.Tensor) -> None:
-        """Sample token t from logits (R, V) and write it into the outputs."""
-        tok = _sample(logits, self.keys, self.t, self.tok_hash, self.temperature, self.top_p)
+        """Sample token t from logits (R, V) and write it into the outputs (one launch on CUDA)."""
+        if FUSED_SAMPLING and logits.is_cuda:
+            sampling_kernels.sample_and_record(
+                logits, self.keys, self.t, temperature=self.temperature, top_p=self.top_p, pad_id=self.pad_id,
+                eos=self.eos, tok=self.tok, out=self.out, lengths=self.lengths, done=self.done, hit=self.hit)
+            return
+        tok = sample_reference(logits, self.keys, self.t, self.tok_hash, self.temperature, self.top_p)
         tok = tok.masked_fill(self.done, self.pad_id)  # (R,)
         self.tok.copy_(tok)
         self.out.scatter_(1, self.t.expand(tok.shape[0])[:, None], tok[:, None])
