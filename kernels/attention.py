@@ -97,6 +97,8 @@ def _attend(q, q_pos, force, k_row, v_row, m_row, stride_ks, stride_vs, start, e
         s_ok = s < end
         kv_ok = s_ok[:, None] & (d[None, :] < D)
         k = tl.load(k_row + s[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)
+        # v's load is issued with k's, before the scores need k: one memory latency per block, not two
+        v = tl.load(v_row + s[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_M, BLOCK_S) fp32
         vis = (s[None, :] <= q_pos[:, None]) & s_ok[None, :]
         if HAS_WINDOW:
@@ -110,7 +112,6 @@ def _attend(q, q_pos, force, k_row, v_row, m_row, stride_ks, stride_vs, start, e
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(scores - m_safe[:, None])  # (BLOCK_M, BLOCK_S)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_row + s[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
         m_i = m_new
     return m_i, l_i, acc
@@ -154,19 +155,23 @@ def _combine_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, m_ptr, ml_ptr, acc_ptr,
     t, h = r // G, kh * G + r % G
     row_ok = t < T
     first = (b * tl.num_programs(1) + kh) * N_SPLIT
-    m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for i in range(N_SPLIT):
-        m_max = tl.maximum(m_max, tl.load(ml_ptr + (first + i) * 2 * BLOCK_M + r, mask=row_ok, other=float("-inf")))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    # One online pass over the slices' partials (a first pass for the max, then a second, was slower).
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for i in range(N_SPLIT):
         part = first + i
-        w = tl.exp(tl.load(ml_ptr + part * 2 * BLOCK_M + r, mask=row_ok, other=float("-inf")) - m_safe)
-        l_i += w * tl.load(ml_ptr + part * 2 * BLOCK_M + BLOCK_M + r, mask=row_ok, other=0.0)
+        m = tl.load(ml_ptr + part * 2 * BLOCK_M + r, mask=row_ok, other=float("-inf"))
+        l = tl.load(ml_ptr + part * 2 * BLOCK_M + BLOCK_M + r, mask=row_ok, other=0.0)
         a = tl.load(acc_ptr + part * BLOCK_M * BLOCK_D + r[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None],
                     other=0.0)
-        acc += w[:, None] * a
+        m_new = tl.maximum(m_i, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.exp(m - m_safe)
+        l_i = l_i * alpha + w * l
+        acc = acc * alpha[:, None] + w[:, None] * a
+        m_i = m_new
     empty = row_ok & (l_i == 0.0)  # no visible key: attend to all (models.transformer's rule)
     if tl.max(empty.to(tl.int32), axis=0) > 0:
         q, q_pos = _queries(q_ptr, pos_ptr, b, kh, T, stride_qb, stride_qt, stride_qh, G, D, BLOCK_M, BLOCK_D)
