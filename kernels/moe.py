@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels import moe_tc
+from kernels.norm import add_rms_norm_row, norm_fits
 from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _dot_precision, _nf4_nibble_table, _num_sms,
                          dequantize_nf4_reference, nf4_absmax, nf4_dequant_tile, nf4_half_pairs, nf4_rows_loop)
 
@@ -470,7 +471,14 @@ def _route_kernel(x_ptr, g_ptr, w_ptr, id_ptr, C, stride_x, E: tl.constexpr, TOP
         gv = tl.load(g_ptr + offs_e[:, None] * C + offs_c[None, :], mask=(offs_e[:, None] < E) & (offs_c[None, :] < C),
                      other=0.0).to(tl.float32)
         acc += gv * xv[None, :]
-    logits = tl.sum(acc, axis=1).to(DTYPE).to(tl.float32)  # (BE,)
+    _route_top_k(tl.sum(acc, axis=1), offs_e, t, w_ptr, id_ptr, E, TOP_K, DTYPE)
+
+
+@triton.jit
+def _route_top_k(logits, offs_e, t, w_ptr, id_ptr, E: tl.constexpr, TOP_K: tl.constexpr, DTYPE: tl.constexpr):
+    """Token t's fp32 router logits (BLOCK_E,) -> rounded to DTYPE, fp32 softmax, the TOP_K largest
+    in descending order (ties: the lower expert id) and their weights renormalized, rounded to DTYPE."""
+    logits = logits.to(DTYPE).to(tl.float32)
     logits = tl.where(offs_e < E, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
@@ -511,6 +519,70 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[t
                             DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32),
                             num_warps=8)
     return weights, ids
+
+
+@triton.jit
+def _add_rms_norm_route_kernel(x_ptr, r_ptr, nw_ptr, y_ptr, s_ptr, g_ptr, w_ptr, id_ptr, plan_ptr, count_ptr, T, C,
+                               eps, stride_x, stride_r, stride_y, stride_s,
+                               E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr,
+                               DTYPE: tl.constexpr, PLAN: tl.constexpr, BLOCK_P: tl.constexpr, COLS: tl.constexpr):
+    # Program t: kernels.norm's row (y = norm(x + residual), s = x + residual), then the router on
+    # y as stored: the gate is loaded first, so its memory latency overlaps the norm's. With PLAN,
+    # the last program to finish (a counter, acq_rel) also writes moe_tc's plan from every token's ids
+    # and puts the counter back to zero.
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    cols = tl.arange(0, BLOCK)
+    g = tl.load(g_ptr + offs_e[:, None] * C + cols[None, :], mask=(offs_e[:, None] < E) & (cols[None, :] < C),
+                other=0.0)  # (BLOCK_E, BLOCK) in the gate's dtype
+    y = add_rms_norm_row(x_ptr, r_ptr, nw_ptr, y_ptr, s_ptr, t, C, eps, stride_x, stride_r, stride_y, stride_s,
+                         True, BLOCK)  # (BLOCK,) fp32
+    _route_top_k(tl.sum(g.to(tl.float32) * y[None, :], axis=1), offs_e, t, w_ptr, id_ptr, E, TOP_K, DTYPE)
+    if PLAN:
+        tl.debug_barrier()  # this program's ids are stored before its release below
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == T - 1:
+            moe_tc.plan_body(id_ptr, plan_ptr, T * TOP_K, E, BLOCK_P, BLOCK_E, COLS)
+            tl.store(count_ptr, 0)
+
+
+_COUNTERS: dict = {}  # device -> an int32 counter kept at zero between launches
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def add_rms_norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       gate_weight: torch.Tensor, top_k: int, plan: bool = False):
+    """kernels.norm.add_rms_norm(x, residual, norm_weight, eps) followed by moe_route(y, gate_weight,
+    top_k) in one launch (decoding: the MoE block's norm and its router) -> (y, x + residual,
+    weights, ids, plan), or None where one kernel does not take the inputs (then call the two).
+    plan: also write kernels/moe_tc.py's plan of the routed experts (int32 (moe_tc.plan_size(E),));
+    else plan is None."""
+    T, C = x.shape if x.dim() == 2 else (0, 0)
+    E = gate_weight.shape[0]
+    y_dtype = torch.promote_types(x.dtype, norm_weight.dtype)
+    if (x.dim() != 2 or not norm_fits(x, residual, norm_weight) or residual is None or not 0 < T <= ROUTE_MAX_TOKENS
+            or y_dtype != x.dtype or gate_weight.shape != (E, C) or gate_weight.dtype != x.dtype
+            or not gate_weight.is_contiguous() or not 0 < top_k <= E or E > 16 or C > 8192
+            or x.dtype not in (torch.float16, torch.bfloat16) or (plan and T > moe_tc.MAX_TOKENS)):
+        return None
+    y, s = torch.empty_like(x), torch.empty_like(x)  # (T, C)
+    weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    plan_t = torch.empty(moe_tc.plan_size(E), dtype=torch.int32, device=x.device) if plan else None
+    BLOCK = triton.next_power_of_2(C)
+    _add_rms_norm_route_kernel[(T,)](
+        x, residual, norm_weight, y, s, gate_weight, weights, ids, plan_t if plan else ids,
+        _counter(x.device) if plan else ids, T, C, eps, x.stride(0), residual.stride(0), y.stride(0), s.stride(0),
+        E=E, TOP_K=top_k, BLOCK_E=max(2, triton.next_power_of_2(E)), BLOCK=BLOCK,
+        DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16, PLAN=plan,
+        BLOCK_P=max(2, triton.next_power_of_2(T * top_k)), COLS=moe_tc.MAX_TOKENS,
+        num_warps=16 if BLOCK >= 4096 else max(1, BLOCK // 256), enable_fp_fusion=False)
+    return y, s, weights, ids, plan_t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,22 +733,28 @@ def moe_combine(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor
 TC_DEFAULT = True  # moe_decode takes kernels/moe_tc.py where it supports the call
 
 
+def takes_tc(x: torch.Tensor, w: NF4Experts) -> bool:
+    """Whether moe_decode(x, ...) with the default config runs kernels/moe_tc.py (whose plan the fused
+    router can write: add_rms_norm_route(plan=True))."""
+    return TC_DEFAULT and moe_tc.supported(x, x, w)
+
+
 def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None, plan: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block's expert part for few tokens: out (T, C) = sum_k weight[t, k] * expert(x_t).
 
     x (T, C) in the compute dtype; weights (T, top_k) routing weights; experts (T, top_k) ids.
     Two launches and one reduction, static shapes, no host sync (CUDA-graph safe).
     config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`, or with
     "kernels": "rows" of `rows_config` (the row kernels) or "tc" (kernels/moe_tc.py, the tensor-core
-    core); by default kernels/moe_tc.py where it supports the call (TC_DEFAULT, 1-8 tokens on sm_90),
+    core); plan: moe_tc's plan when the router wrote it (used on that path only); by default kernels/moe_tc.py where it supports the call (TC_DEFAULT, 1-8 tokens on sm_90),
     else T <= ROWS_MAX_TOKENS tokens take the row kernels when their tiles fit, more tokens the two
     MMA kernels.
     """
     config = config or {}
     kernels = config.get("kernels")
-    if kernels == "tc" or (kernels is None and not config and TC_DEFAULT and moe_tc.supported(x, experts, w)):
-        return moe_tc.moe_decode_tc(x, weights, experts, w)
+    if kernels == "tc" or (kernels is None and not config and takes_tc(x, w)):
+        return moe_tc.moe_decode_tc(x, weights, experts, w, plan=plan)
     if kernels == "rows" or (kernels is None and not config and _rows_ok(x, w)):
         return moe_decode_rows(x, weights, experts, w, config)
     h = moe_gate_up(x, experts, w, config.get("gate_up"))

@@ -41,14 +41,25 @@ MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8)
 
 
+def plan_size(E: int) -> int:
+    """int32 entries of a plan (`plan_body`) for E experts."""
+    return 1 + 2 * E + MAX_TOKENS * E
+
+
 @triton.jit
 def _plan_kernel(ids_ptr, plan_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COLS: tl.constexpr):
+    plan_body(ids_ptr, plan_ptr, P, E, BLOCK_P, BLOCK_E, COLS)
+
+
+@triton.jit
+def plan_body(ids_ptr, plan_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COLS: tl.constexpr):
     """plan (int32): [0] R, the number of routed experts; [1 + s] the expert of slot s < R (ascending
     ids); [1 + E + e] the number of pairs routed to e; [1 + 2E + COLS e + j] its j-th pair in pair
-    order (its first pair for j >= the count; pair 0 for an expert nobody picked)."""
+    order (its first pair for j >= the count; pair 0 for an expert nobody picked). The ids are read
+    past L1 (.cg): kernels.moe's fused router plans from ids other programs have just written."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_p = tl.arange(0, BLOCK_P)
-    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)  # (BP,) int64
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1, cache_modifier=".cg")  # (BP,) int64
     match = ids[None, :] == offs_e[:, None]  # (BE, BP)
     m32 = match.to(tl.int32)
     count = tl.sum(m32, axis=1)  # (BE,)
@@ -258,9 +269,10 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
 
 
 def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, plan: torch.Tensor | None = None) -> torch.Tensor:
     """kernels.moe.moe_decode on the tensor-core core: out (T, C) in x.dtype for 1..8 tokens.
-    x (T, C); weights, experts (T, top_k) (routing weights, int64 expert ids)."""
+    x (T, C); weights, experts (T, top_k) (routing weights, int64 expert ids); plan: the experts'
+    plan (`plan_body`, int32 (plan_size(E),)) when the router already made it, else made here."""
     if not supported(x, experts, w):
         raise ValueError(f"moe_decode_tc needs sm_90, bf16/fp16 x of 1..{MAX_TOKENS} tokens and NF4 experts whose "
                          f"sizes are multiples of 128 with one code2 (got x {tuple(x.shape)} {x.dtype} on "
@@ -272,9 +284,13 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     x = x.contiguous()
     ids = experts.reshape(-1).contiguous()
     meta = _meta(c)
-    plan = torch.empty(1 + 2 * E + MAX_TOKENS * E, dtype=torch.int32, device=x.device)
-    _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),
-                       BLOCK_E=max(2, triton.next_power_of_2(E)), COLS=MAX_TOKENS)
+    if plan is None:
+        plan = torch.empty(plan_size(E), dtype=torch.int32, device=x.device)
+        _plan_kernel[(1,)](ids, plan, P, E, BLOCK_P=max(2, triton.next_power_of_2(P)),
+                           BLOCK_E=max(2, triton.next_power_of_2(E)), COLS=MAX_TOKENS)
+    elif plan.shape != (plan_size(E),) or plan.dtype != torch.int32:
+        raise ValueError(f"moe_decode_tc: plan must be int32 of {plan_size(E)} entries, got {plan.dtype} "
+                         f"{tuple(plan.shape)}")
     gu = TC.resident_sums(x.device, 2 * P * I, "moe_gate_up")  # (2, P, I): G then U, kept at zero
     y = TC.resident_sums(x.device, P * C, "moe_down")  # (P, C)
     done = False

@@ -35,10 +35,10 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, C, eps,
-                         stride_x, stride_r, stride_y, stride_s,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def add_rms_norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, C, eps, stride_x, stride_r, stride_y, stride_s,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: stores y = norm(x + residual) and the sum s; returns y (BLOCK,) as stored, in fp32
+    (0 past C), for kernels that go on with it (kernels.moe's fused router)."""
     cols = tl.arange(0, BLOCK)
     ok = cols < C
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)  # (BLOCK,) in x's dtype
@@ -50,7 +50,26 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, C, eps,
     inv = tl.rsqrt(tl.sum(h * h, axis=0) / C + eps)
     h = (h * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (w * h).to(y_ptr.dtype.element_ty), mask=ok)
+    y = (w * h).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + cols, y, mask=ok)
+    return y.to(tl.float32)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, C, eps,
+                         stride_x, stride_r, stride_y, stride_s,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    add_rms_norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, tl.program_id(0).to(tl.int64), C, eps,
+                     stride_x, stride_r, stride_y, stride_s, HAS_RESIDUAL, BLOCK)
+
+
+def norm_fits(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these inputs (2-D rows with unit stride, one dtype, no gradient)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight))
+    return not (needs_grad or x.dim() != 2 or x.stride(-1) != 1 or weight.shape != x.shape[-1:]
+                or weight.stride(-1) != 1
+                or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape
+                                              or residual.stride(-1) != 1)))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -59,11 +78,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     (weight * rmsnorm(x + residual) (M, C) in the promoted dtype, x + residual (M, C), or x itself
     when residual is None). One launch on CUDA; backend "reference" / "triton" forces a path."""
     use_kernel = backend == "triton" or (backend is None and x.is_cuda)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight))
-    if (not use_kernel or needs_grad or x.dim() != 2 or x.stride(-1) != 1 or weight.shape != x.shape[-1:]
-            or weight.stride(-1) != 1
-            or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape
-                                          or residual.stride(-1) != 1))):
+    if not use_kernel or not norm_fits(x, residual, weight):
         return add_rms_norm_reference(x, residual, weight, eps)
     M, C = x.shape
     y = torch.empty((M, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, C)

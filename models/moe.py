@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe import MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, moe_decode, moe_route
+from kernels.moe import (MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, add_rms_norm_route, moe_decode, moe_route,
+                         takes_tc)
 from kernels.moe_grouped import PROJECTIONS, GroupedLoRA, has_grouped_mm, moe_experts_grouped
 from models.nf4 import NF4Linear
 
@@ -72,22 +73,39 @@ class SparseMoE(nn.Module):
         self.backend: str | None = None
         self._nf4_cache: tuple | None = None  # (packed buffers it was built from, NF4Experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D). routing: (weights (N, k), ids (N, k), moe_tc's plan or None) already
+        computed from x by this block's router (`add_norm_route`), else the router runs here."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         nf4 = self._decode_experts(x.shape[0], x.device, x.requires_grad)
-        if nf4 is not None and self._plain_gate(x):
+        plan = None
+        if routing is not None:
+            weights, experts, plan = routing
+        elif nf4 is not None and self._plain_gate(x):
             weights, experts = moe_route(x, self.gate.weight, self.top_k)  # one launch, same routing
         else:
             weights, experts = route(self.gate(x), self.top_k, x.dtype)  # (N, k), (N, k)
         if nf4 is not None:
             experts_nf4, dtype = nf4
-            out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4).to(x.dtype)
+            out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4, plan=plan).to(x.dtype)
         elif (grouped := self._grouped_experts(x)) is not None:
             out = moe_experts_grouped(x, weights, experts, grouped[0], adapters=grouped[1])
         else:
             out = self._forward_loop(x, weights, experts)
         return out.reshape(shape)
+
+    def add_norm_route(self, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor):
+        """Decoding: the residual add, the RMSNorm before this block and its router in one launch
+        (kernels.moe.add_rms_norm_route) -> (h = norm(x + delta), x + delta, routing for forward), or
+        None where this block would not run its decode kernels or the kernel does not take the inputs.
+        x, delta (N, D)."""
+        nf4 = self._decode_experts(x.shape[0], x.device, x.requires_grad)
+        if nf4 is None or not self._plain_gate(x):
+            return None
+        plan = nf4[1] in (None, x.dtype) and takes_tc(x, nf4[0])  # the router also plans moe_tc's experts
+        fused = add_rms_norm_route(x, delta, norm.weight, norm.eps, self.gate.weight, self.top_k, plan=plan)
+        return None if fused is None else (fused[0], fused[1], fused[2:])
 
     def _forward_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)

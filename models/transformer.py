@@ -100,6 +100,7 @@ class LayerContext:
     attention_mask: torch.Tensor | None = None  # (B|1, S) for decode_attention
 
 
+FUSED_ROUTER = True  # decoding: the MoE block's RMSNorm and router in one launch (SparseMoE.add_norm_route)
 FUSED_QKV = True  # decoding: q, k and v of plain NF4Linear layers in one launch (kernels.moe_tc.multi_gemv)
 
 
@@ -219,7 +220,13 @@ class DecoderLayer(nn.Module):
         reference's, rounded alike: x + delta is stored in x's dtype before it is normalized.
         """
         h, x = self.input_layernorm.add_forward(x, delta)  # h = norm(x + delta), x = x + delta
-        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, ctx))
+        delta = self.self_attn(h, ctx)
+        moe = getattr(self, "block_sparse_moe", None)
+        fused = moe.add_norm_route(self.post_attention_layernorm, x, delta) if FUSED_ROUTER and moe else None
+        if fused is not None:  # the norm and the MoE router in one launch
+            h, x, routing = fused
+            return x, moe(h, routing=routing)
+        h, x = self.post_attention_layernorm.add_forward(x, delta)
         return x, self.ffn(h)
 
 

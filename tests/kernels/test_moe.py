@@ -255,6 +255,12 @@ _COMPILE = textwrap.dedent("""
     consts = dict(E=8, TOP_K=2, BLOCK_E=8, BLOCK_C=K.ROUTE_BLOCK_C, DTYPE=tl.bfloat16)
     stack, local = compile_(K._route_kernel, sig, consts, ["x_ptr", "g_ptr"], 8, 1)
     print(4, "bf16", "route", "stack", stack, "local", local, flush=True)
+    sig = dict(x_ptr="*bf16", r_ptr="*bf16", nw_ptr="*bf16", y_ptr="*bf16", s_ptr="*bf16", g_ptr="*bf16",
+               w_ptr="*bf16", id_ptr="*i64", plan_ptr="*i32", count_ptr="*i32", T="i32", C="i32", eps="fp32",
+               stride_x="i32", stride_r="i32", stride_y="i32", stride_s="i32")
+    consts = dict(E=8, TOP_K=2, BLOCK_E=8, BLOCK=4096, DTYPE=tl.bfloat16, PLAN=True, BLOCK_P=8, COLS=8)
+    stack, local = compile_(K._add_rms_norm_route_kernel, sig, consts, ["x_ptr", "g_ptr"], 16, 1)
+    print(3, "bf16", "norm_route", "stack", stack, "local", local, flush=True)
 """)
 
 
@@ -263,7 +269,7 @@ def test_kernels_compile_for_sm90_without_spills():
     r = run_child(_COMPILE)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.splitlines()]
-    assert len(lines) == 10
+    assert len(lines) == 11
     for line in lines:
         # The row kernels: Triton 3.6 (the H100's) builds them with 168 registers and no stack;
         # Triton 3.9 caps them at 128 registers with an 8-byte spill. Allow that, no more.
@@ -343,3 +349,103 @@ def test_route_kernel_ties_pick_the_lower_id_and_checks_inputs():
         K.moe_route(x, torch.randn(5, 64, device=DEV, dtype=torch.float16), 2)
     with pytest.raises(ValueError, match="top_k"):
         K.moe_route(x, torch.randn(5, 64, device=DEV), 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE block's RMSNorm and its router in one launch (decoding)
+# ---------------------------------------------------------------------------------------------
+
+HALF = [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("T,E_,k,C", [(1, 8, 2, 256), (3, 8, 2, 200), (5, 6, 3, 96), (2, 3, 1, 4096)])
+def test_norm_route_kernel_equals_norm_then_route(T, E_, k, C, dtype):
+    """y and the sum equal kernels.norm's exactly (the same row code); the routing equals moe_route's
+    on that y: the same ids, weights within one rounding (the logits sum in another order)."""
+    from kernels.norm import add_rms_norm
+
+    g = torch.Generator().manual_seed(T * 10 + C)
+    x, r = (torch.randn(T, C, generator=g).to(DEV, dtype) for _ in range(2))
+    nw = (torch.rand(C, generator=g) + 0.5).to(DEV, dtype)
+    gate = (torch.randn(E_, C, generator=g) * 0.1).to(DEV, dtype)
+    y, s, wt, ids, plan = K.add_rms_norm_route(x, r, nw, 1e-5, gate, k)
+    assert plan is None
+    want_y, want_s = add_rms_norm(x, r, nw, 1e-5, backend="triton")
+    assert torch.equal(y, want_y) and torch.equal(s, want_s)
+    want_w, want_ids = K.moe_route(want_y, gate, k)
+    assert torch.equal(ids, want_ids)
+    assert (wt.float() - want_w.float()).abs().max().item() <= {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+def test_norm_route_refuses_what_it_does_not_take():
+    x = torch.randn(3, 64, device=DEV, dtype=torch.float16)
+    nw, gate = torch.ones(64, device=DEV, dtype=torch.float16), torch.randn(4, 64, device=DEV, dtype=torch.float16)
+    assert K.add_rms_norm_route(x, x, nw, 1e-5, gate, 2) is not None
+    assert K.add_rms_norm_route(x.float(), x.float(), nw.float(), 1e-5, gate.float(), 2) is None  # fp32
+    assert K.add_rms_norm_route(x, None, nw, 1e-5, gate, 2) is None  # no residual
+    assert K.add_rms_norm_route(x, x, nw.float(), 1e-5, gate, 2) is None  # y would be fp32
+    assert K.add_rms_norm_route(x, x, nw, 1e-5, gate[:, :32], 2) is None  # gate of another width
+    assert K.add_rms_norm_route(x, x, nw, 1e-5, gate, 5) is None  # top_k > E
+    many = torch.randn(K.ROUTE_MAX_TOKENS + 1, 64, device=DEV, dtype=torch.float16)
+    assert K.add_rms_norm_route(many, many, nw, 1e-5, gate, 2) is None
+
+
+def test_decoder_layer_takes_the_fused_norm_route(monkeypatch):
+    """A tiny Mixtral with NF4 experts in fp16 on its decode kernels: the fused norm + router runs in
+    every layer of a decode step and gives the logits of the separate norm and router."""
+    import models.transformer as MT
+    from models.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = MT.Transformer(ModelConfig.from_preset("tiny-moe")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    replace_linears_with_nf4(model)
+    model = model.to(DEV, torch.float16)
+    model.backend = "triton" if DEV == "cpu" else None
+    for layer in model.model.layers:
+        layer.block_sparse_moe.backend = "triton"
+    calls, real = [], K.add_rms_norm_route
+    monkeypatch.setattr("models.moe.add_rms_norm_route", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0)).to(DEV)
+
+    def logits(fused):
+        monkeypatch.setattr(MT, "FUSED_ROUTER", fused)
+        with torch.no_grad():
+            model.setup_kv_cache(3, 8)
+            try:
+                model(ids[:, :4], input_pos=torch.arange(4, device=DEV))
+                return model(ids[:, 4:], input_pos=torch.tensor([4], device=DEV)).float()
+            finally:
+                model.clear_kv_cache()
+
+    fused, separate = logits(True), logits(False)
+    n_layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * n_layers  # the prefill (3 x 4 tokens) and the decode step, every layer
+    assert ((fused - separate).abs().max() / separate.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("T,k", [(1, 2), (3, 2), (8, 2), (4, 3)])
+def test_norm_route_writes_the_plan_and_resets_its_counter(T, k):
+    """With plan=True the last program writes moe_tc's plan of the ids all programs chose; the
+    counter is back at zero for the next launch (twice in a row: the second plan is right too)."""
+    from kernels import moe_tc
+
+    E_, C = 8, 128
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed * 10 + T)
+        x, r = (torch.randn(T, C, generator=g).to(DEV, torch.float16) for _ in range(2))
+        nw = torch.ones(C, device=DEV, dtype=torch.float16)
+        gate = torch.randn(E_, C, generator=g).to(DEV, torch.float16)
+        *_, ids, plan = K.add_rms_norm_route(x, r, nw, 1e-5, gate, k, plan=True)
+        want = moe_tc.plan_reference(ids.cpu(), E_)
+        R = int(want[0])
+        assert R > 1 and plan[0].item() == R
+        assert torch.equal(plan[1:1 + R].cpu(), want[1:1 + R])  # slots past R are never read
+        assert torch.equal(plan[1 + E_:].cpu(), want[1 + E_:])
+        assert K._counter(x.device).item() == 0
+    assert K.add_rms_norm_route(torch.zeros(9, C, device=DEV, dtype=torch.float16),
+                                torch.zeros(9, C, device=DEV, dtype=torch.float16), nw, 1e-5, gate, k,
+                                plan=True) is None  # moe_tc takes at most 8 tokens
