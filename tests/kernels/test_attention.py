@@ -83,11 +83,14 @@ def test_fp32_cache_under_fp16_queries_and_many_rows():
     torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, mask), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("target", [1, 12, 18, 10_000])
-def test_cache_slices_merge_to_the_same_result(monkeypatch, target):
+def test_cache_slices_merge_to_the_same_result(monkeypatch, target, unroll):
     """However the cache is sliced (1 slice of 4 blocks; 2 of 2; 2 of 2 with one block in the last
-    one... ; 4 of 1) the merge gives the same attention, the pad-query rule included."""
+    one... ; 4 of 1) and however many slices the merge takes per step (a partial last step too), it
+    gives the same attention, the pad-query rule included."""
     monkeypatch.setattr(A, "TARGET_PROGRAMS", target)
+    monkeypatch.setattr(A, "UNROLL", unroll)
     B, T, H, K, D, S = 3, 2, 4, 2, 16, 200  # 4 key blocks of 64, the last one partial
     q, k, v = _inputs(B, T, H, K, D, S, torch.float32, seed=4)
     slots = torch.tensor([150, 151], device=DEV)

@@ -37,7 +37,8 @@ _COMPILE = textwrap.dedent("""
         sig = dict(qkv, o_ptr=bf, pos_ptr="*i64", m_ptr="*i64", ml_ptr="*fp32", acc_ptr="*fp32", T=i32, S=i32,
                    window=i32, scale="fp32", N_SPLIT=i32, **strides,
                    **ints("stride_ob stride_ot stride_oh stride_mb"))
-        compile_(f"attention_combine_rows={rows}", attention._combine_kernel, sig, consts, c["num_warps"])
+        compile_(f"attention_combine_rows={rows}", attention._combine_kernel, sig, dict(consts, UNROLL=c["UNROLL"]),
+                 c["num_warps"])
 """)
 
 
