@@ -740,21 +740,23 @@ def takes_tc(x: torch.Tensor, w: NF4Experts) -> bool:
 
 
 def moe_decode(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w: NF4Experts,
-               config: dict | None = None, plan: torch.Tensor | None = None) -> torch.Tensor:
+               config: dict | None = None, plan: torch.Tensor | None = None, combine: bool = True):
     """The MoE block's expert part for few tokens: out (T, C) = sum_k weight[t, k] * expert(x_t).
 
     x (T, C) in the compute dtype; weights (T, top_k) routing weights; experts (T, top_k) ids.
     Two launches and one reduction, static shapes, no host sync (CUDA-graph safe).
     config: optional {"gate_up": {...}, "down": {...}} overrides of `moe_config`, or with
     "kernels": "rows" of `rows_config` (the row kernels) or "tc" (kernels/moe_tc.py, the tensor-core
-    core); plan: moe_tc's plan when the router wrote it (used on that path only); by default kernels/moe_tc.py where it supports the call (TC_DEFAULT, 1-8 tokens on sm_90),
+    core); plan: moe_tc's plan when the router wrote it, and combine=False: the output as a
+    kernels.norm.SlotSums for the next norm to combine (both on that path only; the others return
+    a tensor); by default kernels/moe_tc.py where it supports the call (TC_DEFAULT, 1-8 tokens on sm_90),
     else T <= ROWS_MAX_TOKENS tokens take the row kernels when their tiles fit, more tokens the two
     MMA kernels.
     """
     config = config or {}
     kernels = config.get("kernels")
     if kernels == "tc" or (kernels is None and not config and takes_tc(x, w)):
-        return moe_tc.moe_decode_tc(x, weights, experts, w, plan=plan)
+        return moe_tc.moe_decode_tc(x, weights, experts, w, plan=plan, combine=combine)
     if kernels == "rows" or (kernels is None and not config and _rows_ok(x, w)):
         return moe_decode_rows(x, weights, experts, w, config)
     h = moe_gate_up(x, experts, w, config.get("gate_up"))

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_tc as TC
+from kernels.norm import SlotSums
 from kernels.nf4 import _num_sms, nf4_half_pairs
 
 MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
@@ -268,11 +269,17 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
     TC.check_shared(compiled, "moe_tc")
 
 
+_LAST_OUTPUT: list = [None]  # the last SlotSums handed out (combine=False), to check it was used
+
+
 def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w,
-                  config: dict | None = None, plan: torch.Tensor | None = None) -> torch.Tensor:
+                  config: dict | None = None, plan: torch.Tensor | None = None,
+                  combine: bool = True) -> "torch.Tensor | SlotSums":
     """kernels.moe.moe_decode on the tensor-core core: out (T, C) in x.dtype for 1..8 tokens.
     x (T, C); weights, experts (T, top_k) (routing weights, int64 expert ids); plan: the experts'
-    plan (`plan_body`, int32 (plan_size(E),)) when the router already made it, else made here."""
+    plan (`plan_body`, int32 (plan_size(E),)) when the router already made it, else made here.
+    combine=False: return the per-slot sums as a kernels.norm.SlotSums instead of launching the
+    combine (the next RMSNorm combines them in its own launch)."""
     if not supported(x, experts, w):
         raise ValueError(f"moe_decode_tc needs sm_90, bf16/fp16 x of 1..{MAX_TOKENS} tokens and NF4 experts whose "
                          f"sizes are multiples of 128 with one code2 (got x {tuple(x.shape)} {x.dtype} on "
@@ -293,6 +300,11 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                          f"{tuple(plan.shape)}")
     gu = TC.resident_sums(x.device, 2 * P * I, "moe_gate_up")  # (2, P, I): G then U, kept at zero
     y = TC.resident_sums(x.device, P * C, "moe_down")  # (P, C)
+    last = _LAST_OUTPUT[0]
+    if last is not None and not last.taken:  # an earlier call's sums were never combined (an error
+        last.take()                          # between the MoE block and the next norm): clear them
+        last.sums.zero_()
+    _LAST_OUTPUT[0] = None
     done = False
     try:
         code2 = w.w1[0].code2
@@ -300,6 +312,10 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         _swiglu_zero_kernel[(triton.cdiv(P * I, 1024),)](gu, h, P * I, BLOCK=1024, num_warps=4)
         _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, c)
+        if not combine:
+            done = True
+            _LAST_OUTPUT[0] = SlotSums(y.view(P, C), weights.reshape(T, top_k), x.dtype)
+            return _LAST_OUTPUT[0]
         out = torch.empty((T, C), dtype=x.dtype, device=x.device)
         _combine_zero_kernel[(T, triton.cdiv(C, 1024))](y, weights.reshape(-1).contiguous(), out, C, TOP_K=top_k,
                                                        BLOCK=1024, num_warps=4)

@@ -34,17 +34,60 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
     return weight * h.to(dtype), x
 
 
+class SlotSums:
+    """A residual not yet combined: an MoE block's expert outputs as fp32 sums per (token, slot)
+    pair, sums (T * top_k, C), to be weighted by weights (T, top_k) (in the output dtype), summed per
+    token in fp32 in slot order and rounded to `dtype` (kernels.moe_tc's combine), after which the
+    sums must be zero again (a resident buffer that the next MoE call adds into).
+
+    add_rms_norm takes it as its residual and combines inside the norm's launch; anything else calls
+    `combine()`. Either way it is used once (`taken`)."""
+
+    def __init__(self, sums: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype):
+        self.sums, self.weights, self.dtype = sums, weights, dtype
+        self.taken = False
+        self.shape = (weights.shape[0], sums.shape[1])
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.taken:
+            raise RuntimeError("SlotSums used twice: its sums were already combined and zeroed")
+        self.taken = True
+        return self.sums, self.weights
+
+    def combine(self) -> torch.Tensor:
+        """(T, C) in dtype, the reference combine in PyTorch ops; zeroes the sums."""
+        sums, weights = self.take()
+        T, k = weights.shape
+        acc = torch.zeros(self.shape, dtype=torch.float32, device=sums.device)
+        for j in range(k):
+            acc += weights[:, j, None].float() * sums.view(T, k, -1)[:, j]
+        sums.zero_()
+        return acc.to(self.dtype)
+
+
 @triton.jit
 def add_rms_norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, C, eps, stride_x, stride_r, stride_y, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr = 0, wt_ptr=None):
     """One row: stores y = norm(x + residual) and the sum s; returns y (BLOCK,) as stored, in fp32
-    (0 past C), for kernels that go on with it (kernels.moe's fused router)."""
+    (0 past C), for kernels that go on with it (kernels.moe's fused router). With SLOTS = top_k > 0
+    the residual is a SlotSums: fp32 rows row * SLOTS + j of r_ptr (stride_r apart) weighted by
+    wt_ptr's, combined as kernels.moe_tc does, then zeroed."""
     cols = tl.arange(0, BLOCK)
     ok = cols < C
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)  # (BLOCK,) in x's dtype
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the rounded sum
+        if SLOTS == 0:
+            r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for j in tl.static_range(SLOTS):
+                p = row * SLOTS + j
+                acc += tl.load(wt_ptr + p).to(tl.float32) * tl.load(r_ptr + p * stride_r + cols, mask=ok, other=0.0)
+            r = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # the combine's rounding
+            tl.debug_barrier()  # all loaded before the zeros (Triton may lay the stores out differently)
+            for j in tl.static_range(SLOTS):
+                tl.store(r_ptr + (row * SLOTS + j) * stride_r + cols, tl.zeros([BLOCK], tl.float32), mask=ok)
+        x = (x.to(tl.float32) + r).to(x_ptr.dtype.element_ty)  # the rounded sum
         tl.store(s_ptr + row * stride_s + cols, x, mask=ok)
     h = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(h * h, axis=0) / C + eps)
@@ -56,11 +99,11 @@ def add_rms_norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, C, eps, stride_x, s
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, C, eps,
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, wt_ptr, C, eps,
                          stride_x, stride_r, stride_y, stride_s,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
     add_rms_norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, tl.program_id(0).to(tl.int64), C, eps,
-                     stride_x, stride_r, stride_y, stride_s, HAS_RESIDUAL, BLOCK)
+                     stride_x, stride_r, stride_y, stride_s, HAS_RESIDUAL, BLOCK, SLOTS, wt_ptr)
 
 
 def norm_fits(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
@@ -72,20 +115,29 @@ def norm_fits(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
                                               or residual.stride(-1) != 1)))
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, residual: "torch.Tensor | SlotSums | None", weight: torch.Tensor, eps: float,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual (M, C) of one dtype (residual may be None: a plain RMSNorm), weight (C,) ->
-    (weight * rmsnorm(x + residual) (M, C) in the promoted dtype, x + residual (M, C), or x itself
-    when residual is None). One launch on CUDA; backend "reference" / "triton" forces a path."""
+    """x, residual (M, C) of one dtype (residual may be None: a plain RMSNorm; or a SlotSums in x's
+    dtype, combined inside the launch), weight (C,) -> (weight * rmsnorm(x + residual) (M, C) in the
+    promoted dtype, x + residual (M, C), or x itself when residual is None). One launch on CUDA;
+    backend "reference" / "triton" forces a path."""
     use_kernel = backend == "triton" or (backend is None and x.is_cuda)
-    if not use_kernel or not norm_fits(x, residual, weight):
+    slots = isinstance(residual, SlotSums)
+    if slots and not (use_kernel and residual.dtype == x.dtype and residual.shape == tuple(x.shape)
+                      and norm_fits(x, None, weight) and residual.sums.stride(-1) == 1):
+        residual = residual.combine()
+        slots = False
+    if not use_kernel or (not slots and not norm_fits(x, residual, weight)):
         return add_rms_norm_reference(x, residual, weight, eps)
     M, C = x.shape
     y = torch.empty((M, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)  # (M, C)
     s = torch.empty_like(x) if residual is not None else x  # (M, C)
-    r = residual if residual is not None else x
+    if slots:
+        r, wt = residual.take()
+    else:
+        r, wt = (residual if residual is not None else x), x
     BLOCK = triton.next_power_of_2(C)
-    _add_rms_norm_kernel[(M,)](x, r, weight, y, s, C, eps, x.stride(0), r.stride(0), y.stride(0), s.stride(0),
-                               HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
+    _add_rms_norm_kernel[(M,)](x, r, weight, y, s, wt, C, eps, x.stride(0), r.stride(0), y.stride(0), s.stride(0),
+                               HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, SLOTS=wt.shape[1] if slots else 0,
                                num_warps=min(16, max(1, BLOCK // 512)), enable_fp_fusion=False)
     return y, s

@@ -26,6 +26,7 @@ from torch import nn
 from kernels.moe import (MAX_PAIRS, ROUTE_MAX_TOKENS, NF4Experts, add_rms_norm_route, moe_decode, moe_route,
                          takes_tc)
 from kernels.moe_grouped import PROJECTIONS, GroupedLoRA, has_grouped_mm, moe_experts_grouped
+from kernels.norm import SlotSums
 from models.nf4 import NF4Linear
 
 
@@ -73,9 +74,11 @@ class SparseMoE(nn.Module):
         self.backend: str | None = None
         self._nf4_cache: tuple | None = None  # (packed buffers it was built from, NF4Experts)
 
-    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: tuple | None = None, combine: bool = True):
         """x (..., D) -> (..., D). routing: (weights (N, k), ids (N, k), moe_tc's plan or None) already
-        computed from x by this block's router (`add_norm_route`), else the router runs here."""
+        computed from x by this block's router (`add_norm_route`), else the router runs here.
+        combine=False (decoding, 2-D x): the output may come as a kernels.norm.SlotSums that the next
+        RMSNorm combines in its own launch (kernels.moe_tc), else it is a tensor."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         nf4 = self._decode_experts(x.shape[0], x.device, x.requires_grad)
@@ -88,7 +91,12 @@ class SparseMoE(nn.Module):
             weights, experts = route(self.gate(x), self.top_k, x.dtype)  # (N, k), (N, k)
         if nf4 is not None:
             experts_nf4, dtype = nf4
-            out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4, plan=plan).to(x.dtype)
+            same = dtype in (None, x.dtype) and x.dim() == 2
+            out = moe_decode(x.to(dtype or x.dtype), weights, experts, experts_nf4, plan=plan,
+                             combine=combine or not same)
+            if isinstance(out, SlotSums):
+                return out
+            out = out.to(x.dtype)
         elif (grouped := self._grouped_experts(x)) is not None:
             out = moe_experts_grouped(x, weights, experts, grouped[0], adapters=grouped[1])
         else:

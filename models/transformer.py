@@ -47,8 +47,9 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(x + residual), x + residual) in one kernel (kernels.norm); residual may be None.
+    def add_forward(self, x: torch.Tensor, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x + residual), x + residual) in one kernel (kernels.norm); residual may be None or a
+        kernels.norm.SlotSums.
         Inference only: the fused path of `DecoderLayer.forward_fused`."""
         return add_rms_norm(x, residual, self.weight, self.eps, backend="triton")
 
@@ -101,6 +102,7 @@ class LayerContext:
 
 
 FUSED_ROUTER = True  # decoding: the MoE block's RMSNorm and router in one launch (SparseMoE.add_norm_route)
+DEFERRED_COMBINE = True  # decoding: the MoE output combined inside the next RMSNorm's launch (kernels.norm.SlotSums)
 FUSED_QKV = True  # decoding: q, k and v of plain NF4Linear layers in one launch (kernels.moe_tc.multi_gemv)
 
 
@@ -216,7 +218,8 @@ class DecoderLayer(nn.Module):
         """forward with each residual add fused into the RMSNorm that follows it (inference).
 
         x (B*T, C) is the residual stream without delta (B*T, C), the last sublayer's output
-        (None before the first layer); returns the same pair after this layer. The sums are the
+        (None before the first layer; a kernels.norm.SlotSums after an MoE block on moe_tc, which
+        the next norm combines); returns the same pair after this layer. The sums are the
         reference's, rounded alike: x + delta is stored in x's dtype before it is normalized.
         """
         h, x = self.input_layernorm.add_forward(x, delta)  # h = norm(x + delta), x = x + delta
@@ -225,7 +228,7 @@ class DecoderLayer(nn.Module):
         fused = moe.add_norm_route(self.post_attention_layernorm, x, delta) if FUSED_ROUTER and moe else None
         if fused is not None:  # the norm and the MoE router in one launch
             h, x, routing = fused
-            return x, moe(h, routing=routing)
+            return x, moe(h, routing=routing, combine=not DEFERRED_COMBINE)  # maybe a SlotSums
         h, x = self.post_attention_layernorm.add_forward(x, delta)
         return x, self.ffn(h)
 

@@ -162,6 +162,68 @@ if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfl
         # the sums buffers are left at zero for the next call
         assert not TC.resident_sums(x.device, 2 * 6 * 512, "moe_gate_up").any()
 
+    def test_uncombined_output_and_stale_sums():
+        """combine=False hands out the slot sums (kernels.norm.SlotSums) whose combine is the output;
+        sums left uncombined (an error before the next norm) are cleared by the next call."""
+        from kernels.norm import SlotSums
+
+        w = _experts(256, 512, "cuda", seed=4)
+        ids = _ids([[0, 2], [2, 5], [5, 7]])
+        x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+        wt = torch.softmax(torch.randn(3, 2, device="cuda"), -1).to(torch.bfloat16)
+        want = M.moe_decode_tc(x, wt, ids, w)
+        slots = M.moe_decode_tc(x, wt, ids, w, combine=False)
+        assert isinstance(slots, SlotSums) and slots.sums.any()
+        got = slots.combine()
+        assert not slots.sums.any()
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+        M.moe_decode_tc(x, wt, ids, w, combine=False)  # never combined
+        again = M.moe_decode_tc(x, wt, ids, w)
+        torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+    def test_decoding_combines_the_moe_output_in_the_next_norm():
+        """A Mixtral-like model on moe_tc: decode steps with the combine deferred into the next
+        RMSNorm (kernels.norm.SlotSums) give the logits of a separate combine launch."""
+        import kernels.norm as N
+        import models.transformer as MT
+        from models.config import ModelConfig
+        from models.nf4 import replace_linears_with_nf4
+
+        cfg = ModelConfig(model_type="mixtral", vocab_size=256, hidden_size=256, intermediate_size=512,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+        torch.manual_seed(0)
+        model = MT.Transformer(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
+        model = model.to("cuda", torch.bfloat16)
+        replace_linears_with_nf4(model)
+        ids = torch.randint(0, 256, (3, 6), device="cuda")
+        taken, real = [], N.SlotSums.take
+        N.SlotSums.take = lambda self: taken.append(1) or real(self)
+
+        def logits(deferred):
+            MT.DEFERRED_COMBINE = deferred
+            out = []
+            with torch.no_grad():
+                model.setup_kv_cache(3, 16)
+                try:
+                    model(ids[:, :4], input_pos=torch.arange(4, device="cuda"))
+                    for t in (4, 5):
+                        out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
+                finally:
+                    model.clear_kv_cache()
+                    MT.DEFERRED_COMBINE = True
+            return torch.cat(out, 1).float()
+
+        try:
+            deferred, separate = logits(True), logits(False)
+        finally:
+            N.SlotSums.take = real
+        assert len(taken) == 2 * cfg.num_hidden_layers  # two decode steps, every layer (not the 12-token prefill)
+        assert ((deferred - separate).abs().max() / separate.abs().max()).item() < 2e-2
+
 
 def test_programs_cover_the_items_in_short_streams():
     """ITEMS items per program at the most experts the pairs could pick, and never less than a wave."""

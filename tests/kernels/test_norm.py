@@ -81,3 +81,46 @@ def test_needs_grad_falls_back_to_autograd():
     y, _ = add_rms_norm(x, r, w, 1e-5, backend="triton")
     y.sum().backward()
     assert w.grad is not None and w.grad.shape == w.shape
+
+
+def _slots(T, k, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sums = torch.randn(T * k, C, generator=g).to(DEV)  # fp32 (T * k, C)
+    weights = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
+    return sums, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("T,k,C", [(1, 2, 64), (3, 2, 1000), (2, 3, 4096)])
+def test_slot_sums_residual_is_combined_in_the_launch_and_zeroed(dtype, T, k, C):
+    """A kernels.norm.SlotSums residual gives the norm of x + its combine (fp32 weighted sum in slot
+    order, rounded to the dtype), and leaves the sums at zero; a second use is refused."""
+    from kernels.norm import SlotSums
+
+    sums, weights = _slots(T, k, C, dtype)
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    w = (torch.rand(C, generator=torch.Generator().manual_seed(2)) + 0.5).to(DEV, dtype)
+    combined = SlotSums(sums.clone(), weights, dtype).combine()  # the PyTorch combine, on a copy
+    want_y, want_s = add_rms_norm(x, combined, w, 1e-5, backend="triton")
+    slots = SlotSums(sums, weights, dtype)
+    y, s = add_rms_norm(x, slots, w, 1e-5, backend="triton")
+    # The same fp32 products and sums (no FMA on either side), so the same roundings: equal.
+    assert torch.equal(s, want_s) and torch.equal(y, want_y)
+    assert not sums.any()  # zeroed by the kernel
+    with pytest.raises(RuntimeError, match="used twice"):
+        slots.combine()
+
+
+def test_slot_sums_fall_back_to_the_pytorch_combine():
+    """Where the kernel does not run (backend="reference", or a dtype other than the sums'), the
+    combine runs in PyTorch ops, with the same result and the sums zeroed all the same."""
+    from kernels.norm import SlotSums
+
+    sums, weights = _slots(2, 2, 96, torch.float16)
+    x = torch.randn(2, 96, device=DEV, dtype=torch.float16)
+    w = torch.ones(96, device=DEV, dtype=torch.float16)
+    want = add_rms_norm(x, SlotSums(sums.clone(), weights, torch.float16), w, 1e-5, backend="triton")
+    got = add_rms_norm(x, SlotSums(sums, weights, torch.float16), w, 1e-5, backend="reference")
+    assert not sums.any()
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=1e-2, atol=1e-2)
