@@ -18,10 +18,12 @@ becomes {x > x_j} and the argmax is taken again. K is a subset of every S, so th
 reference's answer. By the Gumbel-max property, each round's j is a draw from the softmax restricted
 to S, which lands in K with probability mass(K) / mass(S) >= top_p: the expected number of extra
 rounds is below 1 / top_p - 1 (~0.05 at 0.95), and a step usually costs two passes over the logits
-(noise, max, normalizer and argmax in one online pass; the mass above j in the second).
+(noise, argmax and max logit in the first; the normalizer and the mass above j in the second). Each
+lane keeps its own running argmax and sums across the chunks of the vocabulary, reduced once at
+the end of a pass.
 
-Numerics: the reference (`sample_reference`) sums probabilities in sorted order, the kernel in a
-tree and with an online max, so a token whose mass above lies within a few fp32 ulps of top_p can
+Numerics: the reference (`sample_reference`) sums probabilities in sorted order, the kernel per
+lane and then in a tree, so a token whose mass above lies within a few fp32 ulps of top_p can
 be kept by one and dropped by the other; the kernel's log may differ from torch's by an ulp, which
 can only flip an argmax between scores that close. Tests compare tokens on CPU (the interpreter,
 exact logs) and, on the GPU, the chosen token's score against the reference's best score.
@@ -126,12 +128,41 @@ def _chunk(row_ptr, start, V, inv_temp, key, BLOCK: tl.constexpr, GREEDY: tl.con
 
 
 @triton.jit
-def _argmax_update(best, best_i, score, offs, V):
-    """Fold a chunk's first maximum into the running (best score, its token); earlier wins ties."""
-    m = tl.max(score, axis=0)
-    i = tl.min(tl.where(score == m, offs, V), axis=0)
-    take = m > best
-    return tl.where(take, m, best), tl.where(take, i, best_i)
+def _first_max(best_v, best_i, V):
+    """Per-lane (best score, its token) (BLOCK,) -> the first token of the largest score."""
+    best = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == best, best_i, V), axis=0)
+
+
+@triton.jit
+def _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK: tl.constexpr, GREEDY: tl.constexpr,
+                  ABOVE: tl.constexpr):
+    """The first token of the largest score, over all tokens or (ABOVE) those with x > x_j. Each
+    lane keeps its own best across chunks (a later chunk wins only with a larger score), so the
+    chunks need no reduction; one at the end."""
+    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, V, BLOCK):
+        offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, GREEDY)
+        if ABOVE:
+            score = tl.where(x > x_j, score, float("-inf"))
+        take = score > best_v
+        best_v = tl.where(take, score, best_v)
+        best_i = tl.where(take, offs, best_i)
+    return _first_max(best_v, best_i, V)
+
+
+@triton.jit
+def _mass_above(row_ptr, V, inv_temp, key, m, x_j, BLOCK: tl.constexpr):
+    """(sum of exp(x - m) over x > x_j, over all tokens): per-lane sums, reduced once."""
+    above = tl.zeros([BLOCK], tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, True)
+        e = tl.exp(x - m)
+        total += e
+        above += tl.where(x > x_j, e, 0.0)
+    return tl.sum(above, axis=0), tl.sum(total, axis=0)
 
 
 @triton.jit
@@ -145,38 +176,30 @@ def _sample_record_kernel(logits_ptr, stride_l, keys_ptr, t_ptr, done_ptr, eos_p
     t = tl.load(t_ptr)  # int64 index of the token sampled now
     key = _mix32(tl.load(keys_ptr + r).to(tl.uint32) ^ (t.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)))
 
-    # Pass 1: the argmax of the scores over all tokens, and (for top-p) the online max / normalizer.
-    best = tl.full([], float("-inf"), tl.float32)
-    best_i = tl.zeros([], tl.int32)
-    m = tl.full([], float("-inf"), tl.float32)
-    z = tl.zeros([], tl.float32)
+    # Pass 1: the argmax of the scores over all tokens, and (for top-p) the max logit.
+    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    m_v = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, GREEDY)
-        best, best_i = _argmax_update(best, best_i, score, offs, V)
+        take = score > best_v
+        best_v = tl.where(take, score, best_v)
+        best_i = tl.where(take, offs, best_i)
         if TOP_P:
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix adds nothing
-            z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-            m = m_new
+            m_v = tl.maximum(m_v, x)
+    best_i = _first_max(best_v, best_i, V)
 
     if TOP_P:
         # Pass 2 (+ rare rounds): while the mass above the chosen logit reaches top_p, the chosen
         # token is not kept, nor is any with a logit <= its logit: take the argmax above it.
+        m = tl.max(m_v, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # all logits -inf: nothing to normalize
         x_j = tl.load(row_ptr + best_i).to(tl.float32) * inv_temp
-        above = tl.zeros([], tl.float32)
-        for start in range(0, V, BLOCK):
-            offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, True)
-            above += tl.sum(tl.where(x > x_j, tl.exp(x - m), 0.0), axis=0)
+        above, z = _mass_above(row_ptr, V, inv_temp, key, m, x_j, BLOCK)
         while above / z >= top_p:
-            best = tl.full([], float("-inf"), tl.float32)
-            for start in range(0, V, BLOCK):
-                offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, GREEDY)
-                best, best_i = _argmax_update(best, best_i, tl.where(x > x_j, score, float("-inf")), offs, V)
+            best_i = _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK, GREEDY, True)
             x_j = tl.load(row_ptr + best_i).to(tl.float32) * inv_temp
-            above = tl.zeros([], tl.float32)
-            for start in range(0, V, BLOCK):
-                offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, True)
-                above += tl.sum(tl.where(x > x_j, tl.exp(x - m), 0.0), axis=0)
+            above, z = _mass_above(row_ptr, V, inv_temp, key, m, x_j, BLOCK)
 
     # The record: a finished sequence gets pad; EOS marks it finished at step t.
     d = tl.load(done_ptr + r)  # uint8
@@ -215,4 +238,4 @@ def sample_and_record(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor,
         tok, out, out.stride(0), lengths, hit.view(torch.uint8),
         V, 1.0 if greedy else 1.0 / temperature, float(top_p), pad_id,
         GREEDY=greedy, TOP_P=(not greedy) and top_p < 1.0, BLOCK=BLOCK,
-        EOS_BLOCK=triton.next_power_of_2(max(1, eos.numel())), num_warps=8)
+        EOS_BLOCK=triton.next_power_of_2(max(1, eos.numel())), num_warps=16)

@@ -72,3 +72,12 @@ def test_cache_of_another_dtype_and_broadcast_tables():
     q_ref, _ = rope_qkv_reference(q, k, v, cos, sin, (ck_ref, cv_ref, slots))
     assert torch.equal(q_rot, q_ref) and torch.equal(ck, ck_ref) and torch.equal(cv, cv_ref)
     assert ck[:, :, 3:5].abs().sum() > 0
+
+
+def test_inv_freq_is_kept_and_equals_the_formula():
+    from models.transformer import rope_inv_freq
+
+    a = rope_inv_freq(16, 1e6, "cpu")
+    want = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
+    assert torch.equal(a, want) and rope_inv_freq(16, 1e6, "cpu") is a
+    assert not torch.equal(rope_inv_freq(16, 1e4, "cpu"), a)  # keyed by theta too

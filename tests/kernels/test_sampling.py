@@ -161,3 +161,17 @@ if torch.cuda.is_available():
                                        rtol=0, atol=1e-5)
         assert not torch.equal(got[0], got[1])  # the step changes the noise
         assert torch.equal(buf["out"][:, :3].T.contiguous(), torch.stack(got))
+
+
+def test_greedy_ties_pick_the_first_token_across_chunks():
+    """Equal maxima in one lane of two chunks of the vocabulary (4096 apart) and in another lane:
+    the first token wins, as torch.argmax picks it."""
+    V = 9000
+    logits = torch.zeros(3, V, device=DEV)
+    logits[0, [5, 4096 + 5]] = 1.0
+    logits[1, [4096 + 3, 7, 8192 + 3]] = 1.0
+    logits[2, [8192 + 1, 4096 + 1]] = 1.0
+    buf = _buffers(3, 1)
+    S.sample_and_record(logits, S.stream_keys(0, torch.arange(3, device=DEV)), torch.tensor([0], device=DEV),
+                        temperature=0.0, top_p=1.0, pad_id=0, eos=torch.tensor([-1], device=DEV), **buf)
+    assert buf["tok"].tolist() == [5, 7, 4096 + 1] == logits.argmax(-1).tolist()
