@@ -14,10 +14,11 @@ _COMPILE = textwrap.dedent("""
 
     bf, i32 = "*bf16", "i32"
     ints = lambda names: {n: i32 for n in names.split()}
-    for res in (True, False):
-        sig = dict(x_ptr=bf, r_ptr=bf, w_ptr=bf, y_ptr=bf, s_ptr=bf, C=i32, eps="fp32",
-                   **ints("stride_x stride_r stride_y stride_s"))
-        compile_(f"norm_residual={res}", norm._add_rms_norm_kernel, sig, dict(HAS_RESIDUAL=res, BLOCK=4096), 8,
+    for res, slots in ((True, 0), (False, 0), (True, 2)):  # slots: an MoE output's SlotSums (top-2)
+        sig = dict(x_ptr=bf, r_ptr="*fp32" if slots else bf, w_ptr=bf, y_ptr=bf, s_ptr=bf,
+                   wt_ptr=bf if slots else "constexpr", C=i32, eps="fp32", **ints("stride_x stride_r stride_y stride_s"))
+        consts = dict(HAS_RESIDUAL=res, BLOCK=4096, SLOTS=slots, **({} if slots else dict(wt_ptr=None)))
+        compile_(f"norm_residual={res}_slots={slots}", norm._add_rms_norm_kernel, sig, consts, 8,
                  enable_fp_fusion=False)
     for cache in (True, False):
         sig = {n: bf for n in "q_ptr k_ptr v_ptr cos_ptr sin_ptr qo_ptr ko_ptr ck_ptr cv_ptr".split()}
@@ -46,6 +47,6 @@ def test_decode_kernels_compile_for_sm90_without_spills():
     r = run_child(_COMPILE)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.splitlines()]
-    assert len(lines) == 10, r.stdout
+    assert len(lines) == 11, r.stdout
     for line in lines:
         assert line[4] == "0" and line[6] == "0", f"register spill: {' '.join(line)}"
