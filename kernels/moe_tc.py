@@ -405,10 +405,12 @@ def _segments_cast_zero_kernel(out_ptr, y_ptr, T, ROWS, COLS, BLOCK: tl.constexp
     tl.store(src, tl.zeros([BLOCK], tl.float32), mask=mask)
 
 
-def multi_gemv(x: torch.Tensor, weights, config: dict | None = None) -> torch.Tensor | None:
+def multi_gemv(x: torch.Tensor, weights, config: dict | None = None, epilogue=None):
     """[x W_i^T] side by side: (T, sum N_i) in x's dtype, one GEMV launch and one cast; None when the
     weights do not share one code2 (or their first call is inside a CUDA-graph capture): the caller
-    runs them one by one. Check multi_supported first."""
+    runs them one by one. Check multi_supported first. epilogue(sums, rows): launched instead of the
+    cast, on the fp32 sums (segments, T, rows), which it must leave at zero; its result is returned
+    (kernels.rope.rope_from_sums)."""
     entry = _multi_plan(x, weights)
     if entry is None:
         return None
@@ -423,6 +425,10 @@ def multi_gemv(x: torch.Tensor, weights, config: dict | None = None) -> torch.Te
     done = False
     try:
         _launch(x, table, plan, weights[0].code2, out, T, rows, K, R, 1, 1, meta, c, active=R, per_segment=True)
+        if epilogue is not None:
+            y = epilogue(out.view(R, T, rows), rows)
+            done = True
+            return y
         y = torch.empty((T, cols), dtype=x.dtype, device=x.device)
         _segments_cast_zero_kernel[(R, T)](out, y, T, rows, cols, BLOCK=triton.next_power_of_2(rows), num_warps=4)
         done = True

@@ -55,11 +55,19 @@ def _rotate(src, dst, cos_row, sin_row, HALF: tl.constexpr, BLOCK: tl.constexpr)
     ok = d < HALF
     x1 = tl.load(src + d, mask=ok, other=0.0)  # (BLOCK,) first half
     x2 = tl.load(src + HALF + d, mask=ok, other=0.0)  # second half
+    _rotate_values(x1, x2, dst, cos_row, sin_row, HALF, BLOCK)
+
+
+@triton.jit
+def _rotate_values(x1, x2, dst, cos_row, sin_row, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """_rotate on a head's two halves x1, x2 (BLOCK,): products rounded to x1's dtype, stored in dst's."""
+    d = tl.arange(0, BLOCK)
+    ok = d < HALF
     c1 = tl.load(cos_row + d, mask=ok, other=0.0).to(tl.float32)
     c2 = tl.load(cos_row + HALF + d, mask=ok, other=0.0).to(tl.float32)
     s1 = tl.load(sin_row + d, mask=ok, other=0.0).to(tl.float32)
     s2 = tl.load(sin_row + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    dt = src.dtype.element_ty
+    dt = x1.dtype
     a1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32)
     b1 = (x2.to(tl.float32) * s1).to(dt).to(tl.float32)
     a2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32)
@@ -128,3 +136,78 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
         *c_strides, H=H, D=D, WRITE_CACHE=cache is not None, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
         enable_fp_fusion=False)
     return q_out, k_out
+
+
+# ----------------------------------------------------------------------------------------------
+# The same from the fp32 sums of kernels.moe_tc.multi_gemv (q, k, v in one GEMV launch)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rope_sums_kernel(sums_ptr, cos_ptr, sin_ptr, qo_ptr, ck_ptr, cv_ptr, pos_ptr, M, T, ROWS,
+                      stride_qo, stride_cos_b, stride_cos_t, stride_sin_b, stride_sin_t,
+                      stride_c_b, stride_c_h, stride_c_s, stride_cv_b, stride_cv_h, stride_cv_s,
+                      H: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row m = b * T + t, head): the head's columns of the sums (segment s = col // ROWS,
+    laid out (segments, M, ROWS)) cast to the output dtype, then what _rope_qkv_kernel does with
+    them (q rotated into qo; k rotated and v into the cache at the token's slot); the sums read are
+    zeroed (a resident buffer the next launch adds into)."""
+    m = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # 0..H-1: a q head; H..H+K-1: a k head (and its v)
+    b, t = m // T, m % T
+    cos_row = cos_ptr + b * stride_cos_b + t * stride_cos_t
+    sin_row = sin_ptr + b * stride_sin_b + t * stride_sin_t
+    d = tl.arange(0, BLOCK)
+    ok = d < D // 2
+    col = head * D  # q heads, then k heads, then v heads, side by side
+    src = sums_ptr + ((col // ROWS) * M + m) * ROWS + col % ROWS
+    dt = qo_ptr.dtype.element_ty
+    x1 = tl.load(src + d, mask=ok, other=0.0).to(dt)
+    x2 = tl.load(src + D // 2 + d, mask=ok, other=0.0).to(dt)
+    if head < H:
+        _rotate_values(x1, x2, qo_ptr + m * stride_qo + head * D, cos_row, sin_row, D // 2, BLOCK)
+    else:
+        kh = head - H
+        slot = tl.load(pos_ptr + t).to(tl.int64)
+        _rotate_values(x1, x2, ck_ptr + b * stride_c_b + kh * stride_c_h + slot * stride_c_s, cos_row, sin_row,
+                       D // 2, BLOCK)
+        vcol = (H + K + kh) * D
+        vsrc = sums_ptr + ((vcol // ROWS) * M + m) * ROWS + vcol % ROWS
+        dv = tl.arange(0, 2 * BLOCK)
+        v = tl.load(vsrc + dv, mask=dv < D, other=0.0)
+        tl.store(cv_ptr + b * stride_cv_b + kh * stride_cv_h + slot * stride_cv_s + dv,
+                 v.to(cv_ptr.dtype.element_ty), mask=dv < D)
+        tl.debug_barrier()  # loaded before the zeros (Triton may lay the stores out differently)
+        tl.store(vsrc + dv, tl.zeros([2 * BLOCK], tl.float32), mask=dv < D)
+    tl.debug_barrier()
+    tl.store(src + d, tl.zeros([BLOCK], tl.float32), mask=ok)
+    tl.store(src + D // 2 + d, tl.zeros([BLOCK], tl.float32), mask=ok)
+
+
+def rope_from_sums(sums: torch.Tensor, rows: int, n_heads: int, n_kv: int, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """rope_qkv with a cache, where q, k and v are still the fp32 sums of kernels.moe_tc.multi_gemv:
+    (segments, M, rows), the columns of [q | k | v] cut into segments of `rows`; one launch casts them
+    to dtype, rotates q and k, writes k and v into the cache (cache_k, cache_v (B, K, S, D), input_pos
+    (T,)) and zeroes the sums it read. -> q_rot (M, H*D) in dtype. The caller checks `sums_fit`."""
+    T, D = cos.shape[-2], cos.shape[-1]
+    M = sums.shape[1]
+    cos, sin = cos.reshape(-1, T, D), sin.reshape(-1, T, D)  # (B|1, T, D)
+    row_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1, T, D): shared by rows
+    ck, cv, pos = cache[0], cache[1], cache[2].contiguous()
+    q_out = torch.empty((M, n_heads * D), dtype=dtype, device=sums.device)
+    _rope_sums_kernel[(M, n_heads + n_kv)](
+        sums, cos, sin, q_out, ck, cv, pos, M, T, rows, q_out.stride(0), row_stride(cos), cos.stride(1),
+        row_stride(sin), sin.stride(1), *ck.stride()[:3], *cv.stride()[:3], H=n_heads, K=n_kv, D=D,
+        BLOCK=triton.next_power_of_2(D // 2), num_warps=1, enable_fp_fusion=False)
+    return q_out
+
+
+def sums_fit(rows: int, n_heads: int, n_kv: int, cos: torch.Tensor, sin: torch.Tensor, cache: tuple,
+             dtype: torch.dtype, M: int) -> bool:
+    """Whether rope_from_sums takes these: whole heads per segment, the cos/sin and cache layouts
+    rope_qkv takes, all in dtype (so it rounds where rope_qkv rounds)."""
+    T, D = cos.shape[-2], cos.shape[-1]
+    ck, cv = cache[0], cache[1]
+    return (D % 2 == 0 and rows % D == 0 and M % T == 0 and cos.numel() // (T * D) in (1, M // T)
+            and cos.dtype == sin.dtype == ck.dtype == cv.dtype == dtype and ck.shape[1] == n_kv
+            and ck.shape[-1] == D and all(t.stride(-1) == 1 for t in (cos, sin, ck, cv)))

@@ -28,7 +28,7 @@ from kernels import moe_tc
 from kernels.attention import decode_attention
 from kernels.attention import fits as decode_attention_fits
 from kernels.norm import add_rms_norm
-from kernels.rope import rope_qkv
+from kernels.rope import rope_from_sums, rope_qkv, sums_fit
 from kernels.swiglu import swiglu
 from models.config import ModelConfig
 from models.moe import SparseMoE
@@ -117,6 +117,7 @@ class LayerContext:
 
 FUSED_ROUTER = True  # decoding: the MoE block's RMSNorm and router in one launch (SparseMoE.add_norm_route)
 DEFERRED_COMBINE = True  # decoding: the MoE output combined inside the next RMSNorm's launch (kernels.norm.SlotSums)
+FUSED_QKV_ROPE = True  # decoding: with FUSED_QKV, RoPE and the cache write in the cast's launch (rope_from_sums)
 FUSED_QKV = True  # decoding: q, k and v of plain NF4Linear layers in one launch (kernels.moe_tc.multi_gemv)
 
 
@@ -124,15 +125,40 @@ def fused_qkv(attn: "Attention", x: torch.Tensor) -> tuple | None:
     """(q, k, v) from one multi-weight GEMV launch when attn's projections are plain NF4Linear
     layers without bias in x's dtype and moe_tc.multi_gemv takes x (decoding on sm_90); else None.
     q, k, v are column slices of one (B*T, sum N) tensor."""
+    weights = _plain_nf4_qkv(attn, x)
+    if weights is None:
+        return None
+    y = moe_tc.multi_gemv(x, weights)
+    return None if y is None else tuple(y.split([q.shape[0] for q in weights], dim=1))
+
+
+def _plain_nf4_qkv(attn: "Attention", x: torch.Tensor) -> list | None:
+    """The NF4 weights of q, k, v when they are plain NF4Linear layers without bias in x's dtype and
+    moe_tc.multi_gemv takes x (decoding on sm_90); else None."""
     layers = (attn.q_proj, attn.k_proj, attn.v_proj)
     if not (FUSED_QKV and x.is_cuda and all(type(m) is NF4Linear and m.bias is None
                                             and m.compute_dtype in (None, x.dtype) for m in layers)):
         return None
     weights = [m.nf4 for m in layers]
-    if not moe_tc.multi_supported(x, weights):
+    return weights if moe_tc.multi_supported(x, weights) else None
+
+
+def fused_qkv_rope(attn: "Attention", x: torch.Tensor, ctx: "LayerContext") -> torch.Tensor | None:
+    """Decoding over the cache: q rotated (B*T, H*D), with k rotated and v written into the cache, from
+    one multi-weight GEMV launch and one launch that casts, rotates and stores (kernels.rope
+    .rope_from_sums); None where fused_qkv's conditions or rope_from_sums' fail."""
+    cache = attn.kv_cache
+    if not (FUSED_QKV_ROPE and cache is not None and ctx.decode_attention):
         return None
-    y = moe_tc.multi_gemv(x, weights)
-    return None if y is None else tuple(y.split([m.out_features for m in layers], dim=1))
+    weights = _plain_nf4_qkv(attn, x)
+    if weights is None:
+        return None
+    slots = (cache.k, cache.v, ctx.input_pos)
+    rows = moe_tc.segment_rows(weights)
+    if not sums_fit(rows, attn.n_heads, attn.n_kv, ctx.cos, ctx.sin, slots, x.dtype, x.shape[0]):
+        return None
+    return moe_tc.multi_gemv(x, weights, epilogue=lambda sums, rows: rope_from_sums(
+        sums, rows, attn.n_heads, attn.n_kv, ctx.cos, ctx.sin, slots, x.dtype))
 
 
 class Attention(nn.Module):
@@ -149,6 +175,12 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx: LayerContext):
         """x (B*T, C): linear layers see 2-D inputs (CPU matmuls on (B, 1, C) are pathologically slow)."""
+        q = fused_qkv_rope(self, x, ctx) if ctx.kernels else None
+        if q is not None:  # q rotated, k and v already in the cache
+            B, T = ctx.B, ctx.T
+            y = decode_attention(q.view(B, T, self.n_heads, self.head_dim), self.kv_cache.k, self.kv_cache.v,
+                                 ctx.input_pos, ctx.attention_mask, self.cfg.sliding_window, backend="triton")
+            return self.o_proj(y.view(B * T, -1))
         qkv = fused_qkv(self, x) if ctx.kernels else None
         q, k, v = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # (B*T, H*D), (B*T, K*D), (B*T, K*D)
         y = self._attend_fused(q, k, v, ctx) if ctx.kernels else self._attend(q, k, v, ctx)  # (B*T, H*D)

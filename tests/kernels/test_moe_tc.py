@@ -292,9 +292,11 @@ if torch.cuda.is_available() and TC.gluon is not None and torch.cuda.get_device_
         torch.cuda.synchronize()
         assert ((y.float() - want.float()).abs().max() / want.float().abs().max()).item() < 2e-2
 
-    def test_decoding_takes_the_fused_qkv_and_gives_the_same_logits():
+    @pytest.mark.parametrize("flag,spied", [("FUSED_QKV", "multi_gemv"), ("FUSED_QKV_ROPE", "rope_from_sums")])
+    def test_decoding_takes_the_fused_qkv_and_gives_the_same_logits(flag, spied):
         """A Mistral-like model whose attention projections fit multi_gemv: decode steps with
-        q, k, v in one launch give the logits of three separate GEMVs."""
+        q, k, v in one launch (FUSED_QKV), and with RoPE and the cache write in its cast's launch
+        (FUSED_QKV_ROPE), give the logits of three separate GEMVs / of the separate RoPE launch."""
         import models.transformer as MT
         from models.config import ModelConfig
         from models.nf4 import replace_linears_with_nf4
@@ -310,11 +312,12 @@ if torch.cuda.is_available() and TC.gluon is not None and torch.cuda.get_device_
         model = model.to("cuda", torch.bfloat16)
         replace_linears_with_nf4(model)
         ids = torch.randint(0, 256, (3, 6), device="cuda")
-        calls, real = [], M.multi_gemv
-        M.multi_gemv = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        owner = M if spied == "multi_gemv" else MT
+        calls, real = [], getattr(owner, spied)
+        setattr(owner, spied, lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
         def logits(fused):
-            MT.FUSED_QKV = fused
+            setattr(MT, flag, fused)
             out = []
             with torch.no_grad():
                 model.setup_kv_cache(3, 16)
@@ -324,12 +327,12 @@ if torch.cuda.is_available() and TC.gluon is not None and torch.cuda.get_device_
                         out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
                 finally:
                     model.clear_kv_cache()
-                    MT.FUSED_QKV = True
+                    setattr(MT, flag, True)
             return torch.cat(out, 1).float()
 
         try:
             fused, separate = logits(True), logits(False)
         finally:
-            M.multi_gemv = real
+            setattr(owner, spied, real)
         assert len(calls) == 2 * cfg.num_hidden_layers  # two decode steps, every layer (not the prefill)
         assert ((fused - separate).abs().max() / separate.abs().max()).item() < 2e-2

@@ -81,3 +81,41 @@ def test_inv_freq_is_kept_and_equals_the_formula():
     want = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
     assert torch.equal(a, want) and rope_inv_freq(16, 1e6, "cpu") is a
     assert not torch.equal(rope_inv_freq(16, 1e4, "cpu"), a)  # keyed by theta too
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,K,D,rows", [(3, 1, 4, 2, 16, 32), (2, 2, 8, 2, 12, 24), (1, 3, 4, 4, 16, 16)])
+def test_rope_from_sums_equals_cast_then_rope(dtype, B, T, H, K, D, rows):
+    """From multi_gemv's fp32 sums (segments of `rows` columns of [q | k | v]): the cast, rotation and
+    cache write equal rope_qkv on the cast q, k, v, bit for bit; the sums end at zero."""
+    from kernels.rope import rope_from_sums, sums_fit
+
+    M, S = B * T, 9
+    g = torch.Generator().manual_seed(B + T + D)
+    y = torch.randn(M, (H + 2 * K) * D, generator=g).to(DEV)  # fp32 [q | k | v]
+    R = y.shape[1] // rows
+    sums = y.view(M, R, rows).permute(1, 0, 2).contiguous()  # (segments, M, rows)
+    pos = 2 + torch.arange(T)[None] + torch.arange(B)[:, None]
+    cos, sin = rope_cos_sin(pos.to(DEV), D, 1e4, dtype)
+    slots = torch.arange(T, device=DEV) + 4
+    ck, cv = torch.zeros(B, K, S, D, device=DEV, dtype=dtype), torch.zeros(B, K, S, D, device=DEV, dtype=dtype)
+    ck_ref, cv_ref = ck.clone(), cv.clone()
+    assert sums_fit(rows, H, K, cos, sin, (ck, cv, slots), dtype, M)
+    q = rope_from_sums(sums, rows, H, K, cos, sin, (ck, cv, slots), dtype)
+    yd = y.to(dtype)
+    q_ref, _ = rope_qkv(yd[:, :H * D], yd[:, H * D:(H + K) * D], yd[:, (H + K) * D:], cos, sin,
+                        (ck_ref, cv_ref, slots), backend="triton")
+    assert torch.equal(q, q_ref) and torch.equal(ck, ck_ref) and torch.equal(cv, cv_ref)
+    assert ck[:, :, 4:4 + T].abs().sum() > 0 and not sums.any()
+
+
+def test_sums_fit_refuses_heads_across_segments_and_other_cache_dtypes():
+    from kernels.rope import sums_fit
+
+    cos, sin = rope_cos_sin(torch.tensor([[3]]), 16, 1e4, torch.float16)
+    cache = (torch.zeros(1, 2, 8, 16, dtype=torch.float16), torch.zeros(1, 2, 8, 16, dtype=torch.float16),
+             torch.tensor([3]))
+    assert sums_fit(32, 4, 2, cos, sin, cache, torch.float16, 1)
+    assert not sums_fit(24, 4, 2, cos, sin, cache, torch.float16, 1)  # a head would span two segments
+    fp32_cache = (cache[0].float(), cache[1].float(), cache[2])
+    assert not sums_fit(32, 4, 2, cos, sin, fp32_cache, torch.float16, 1)
