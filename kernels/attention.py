@@ -7,7 +7,7 @@ of one tile) meet its cache rows, which are read once. The cache is cut into sli
 blocks (flash-decoding): program (b, kv head, slice) runs an online softmax over its slice, and a
 second launch merges the slices' partial results per (b, kv head), a few slices per step. (The
 merge done by the last slice program of each pair, found by an atomic counter, was measured slower:
-7.6 vs 7.1 us per call on Mixtral's decode shapes, H100.) A decode step has few
+7.6 vs 7.1 us per call on Mixtral's decode shapes, H100, both on 8 warps.) A decode step has few
 (b, kv head) pairs (3 x 8 for Mixtral with 3 samples); without the split each program walked the
 whole cache alone and the kernel was latency-bound (12 us per layer measured on the H100 for
 ~430 keys, about SDPA's time).
@@ -46,11 +46,12 @@ def fits(T: int, n_heads: int, n_kv: int) -> bool:
 def config(block_m: int, block_d: int) -> dict:
     """Keys per block, warps and slices merged per step by tile size, chosen so no tile spills
     registers on sm_90 (tests/kernels/test_decode_ops_sm90.py, Triton 3.6 and 3.9): 16 x 128 -> 64
-    keys, 4 slices per step (the decode step); 32 x 128 -> 64 keys, 2 per step; 64 x 128 -> 32 keys,
-    1 per step; 8 warps each (the decode step measured 7.1 us per call against 7.8 with 4 warps
-    and one slice per step)."""
+    keys, 4 warps, 4 slices per step (the decode step); 32 x 128 -> 64 keys, 8 warps, 2 per step;
+    64 x 128 -> 32 keys, 8 warps, 1 per step. Measured on the decode step's shapes (H100, 448 / 1088
+    slots): 6.3 / 9.4 us per call, against 6.7 / 9.8 with 8 warps and 7.8 / 11.2 with one slice per
+    step; 128-key blocks were faster at 448 slots only (6.1 / 11.0)."""
     tile = block_m * block_d
-    return dict(BLOCK_S=64 if tile <= 32 * 128 else 32, num_warps=8,
+    return dict(BLOCK_S=64 if tile <= 32 * 128 else 32, num_warps=4 if tile <= 16 * 128 else 8,
                 UNROLL=UNROLL or (4 if tile <= 16 * 128 else 2 if tile <= 32 * 128 else 1))
 
 
