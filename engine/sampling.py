@@ -130,6 +130,36 @@ def _graph_safe(model, rows: int, device: torch.device) -> str | None:
     return None
 
 
+class _StepCounts:
+    """How many sequences are alive and how many stopped at the last step, read one step late.
+
+    Reading them right after a step would make the host wait for it, and the GPU then wait for the
+    host to launch the next step (~0.2 ms a step for a 32-layer Mixtral). Instead the counts are
+    copied into pinned host memory behind the step (`enqueue`), the next step is launched, and only
+    then are they read (`read`), so the GPU stays busy. Two buffers alternate."""
+
+    def __init__(self, dec: "_Decoder"):
+        self.dec = dec
+        self.cuda = dec.done.is_cuda
+        pin = self.cuda
+        self.host = [torch.zeros(2, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.i = 0
+
+    def enqueue(self) -> None:
+        self.i ^= 1
+        counts = torch.stack([(~self.dec.done).sum(), self.dec.hit.sum()])
+        self.host[self.i].copy_(counts, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[self.i].record()
+
+    def read(self) -> tuple[int, int]:
+        if self.cuda:
+            self.events[self.i].synchronize()
+        alive, hit = self.host[self.i].tolist()
+        return alive, hit
+
+
 class _GraphStep:
     """Calls `step` eagerly once on a side stream (the warm-up: Triton compiles, caches fill), then
     captures it in a CUDA graph and replays that graph. If capture fails it stays eager."""
@@ -278,14 +308,17 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
                            temperature=temperature, top_p=top_p, eos=eos, pad_id=pad_id)
             runner = dec.step if why_not is not None else _GraphStep(dec.step, device)
         dec.record(logits)  # token 0, from the prefill's logits
-        for t in range(max_new_tokens):
-            if t > 0:
-                runner()
-            alive, hit = torch.stack([(~dec.done).sum(), dec.hit.sum()]).tolist()
+        counts = _StepCounts(dec)
+        counts.enqueue()
+        for t in range(1, max_new_tokens + 1):
+            if t < max_new_tokens:
+                runner()  # step t is queued before step t - 1's counts are read: the GPU does not wait
+            alive, hit = counts.read()  # of step t - 1
             if on_step is not None:
                 on_step(alive + hit)
-            if alive == 0:
-                break
+            if alive == 0 or t == max_new_tokens:
+                break  # (a step queued after every sequence stopped changes nothing they keep)
+            counts.enqueue()
         if isinstance(runner, _GraphStep):
             LAST_DECODE.update(cuda_graph=runner.graph is not None,
                                why_not=runner.failed or (None if runner.graph else "fewer than 3 steps"))
