@@ -38,6 +38,8 @@ Choices, and why:
 
 For T <= 4 tokens `moe_decode` takes two CUDA-core "row kernels" instead (see their section), and
 `moe_route` replaces the router's ~7 launches (gate GEMV, softmax, top-k, renormalization) with one.
+While decoding, `add_rms_norm_route` also folds the RMSNorm before the block (kernels.norm's row)
+and kernels/moe_tc.py's plan into that launch (models.moe.SparseMoE.add_norm_route).
 
 Each launcher has a pure-PyTorch reference (`moe_gate_up_reference`, `moe_down_reference`,
 `moe_decode_reference`; `models.moe.route` for `moe_route`). Entry point:
