@@ -167,18 +167,20 @@ def test_project_qkv_on_cpu_is_three_calls():
 
 @pytest.mark.parametrize("kind", ["linear", "nf4"])
 def test_every_forward_path_gives_the_plain_path_numbers_in_fp32(kind):
-    """LoRALinear's CUDA paths ("cublas", "fused"), forced onto the CPU through the layer's `backend`
-    (Triton through the interpreter), against the plain PyTorch path: y, dX, dA, dB in fp32. With
-    dropout the paths draw the same mask from the same seed (the plain path's mask is torch's own,
-    so there the reference backend, which uses the kernels' mask, stands in for it)."""
+    """LoRALinear's CUDA paths ("cublas", "fused"), forced through the layer's `backend` (on a machine
+    without a GPU onto the CPU: Triton through the interpreter), against the plain PyTorch path: y,
+    dX, dA, dB in fp32. With dropout the paths draw the same mask from the same seed (the plain
+    path's mask is torch's own, so there the reference backend, which uses the kernels' mask, stands
+    in for it)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only when interpreted
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 80, bias=True)
+    linear = torch.nn.Linear(96, 80, bias=True).to(dev)
     base = NF4Linear.from_linear(linear) if kind == "nf4" else linear
     layer = LoRALinear(base, r=8, alpha=16, dropout=0.0).train()
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-    x = torch.randn(2, 9, 96, requires_grad=True)
+    x = torch.randn(2, 9, 96, device=dev, requires_grad=True)
     leaves = [x, layer.lora_A.weight, layer.lora_B.weight]
-    gy = torch.randn(2, 9, 80)
+    gy = torch.randn(2, 9, 80, device=dev)
 
     def run(path, p=0.0):
         layer.backend, layer.dropout_p = path, p
