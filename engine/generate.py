@@ -71,6 +71,8 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.samples < 1 or a.batch_size < 1 or a.max_new_tokens < 1:
         raise EngineError("--samples, --batch_size and --max_new_tokens must be >= 1.")
+    if not 0 < a.top_p <= 1:
+        raise EngineError(f"--top_p must be in (0, 1] (1 keeps every token), got {a.top_p}.")
     return a
 
 

@@ -260,6 +260,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 64, sampl
     LoRA merge in place, a new backend): the key checks shapes, settings and addresses, not module
     state. `release_decode_graph(model)` frees it.
     """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
     device = next(model.parameters()).device
     B, N = len(prompts), samples
     L = max(len(p) for p in prompts)

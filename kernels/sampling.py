@@ -231,6 +231,8 @@ def sample_and_record(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor,
             raise ValueError(f"sample_and_record: {name} must be contiguous of shape ({R},), got {tuple(buf.shape)}")
     if done.dtype != torch.bool or hit.dtype != torch.bool:
         raise ValueError("sample_and_record: done and hit must be bool tensors")
+    if not 0 < top_p <= 1:  # top_p <= 0 keeps nothing: the kernel's rounds would never end
+        raise ValueError(f"sample_and_record: top_p must be in (0, 1], got {top_p}")
     greedy = temperature <= 0
     BLOCK = min(4096, triton.next_power_of_2(V))
     _sample_record_kernel[(R,)](

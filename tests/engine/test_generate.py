@@ -48,6 +48,11 @@ def test_missing_input_file(tiny, tmp_path):
         gen.main(["--model", str(tiny[0]), "--input", str(tmp_path / "absent.csv")])
 
 
+def test_top_p_outside_0_1_is_a_clear_error(tiny):
+    with pytest.raises(EngineError, match="--top_p must be in"):
+        gen.main(["--model", str(tiny[0]), "--top_p", "0"])
+
+
 def test_missing_column(tiny, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,original_text\n1,hello\n")

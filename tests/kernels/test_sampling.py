@@ -175,3 +175,19 @@ def test_greedy_ties_pick_the_first_token_across_chunks():
     S.sample_and_record(logits, S.stream_keys(0, torch.arange(3, device=DEV)), torch.tensor([0], device=DEV),
                         temperature=0.0, top_p=1.0, pad_id=0, eos=torch.tensor([-1], device=DEV), **buf)
     assert buf["tok"].tolist() == [5, 7, 4096 + 1] == logits.argmax(-1).tolist()
+
+
+def test_top_p_outside_0_1_is_refused():
+    """top_p <= 0 keeps nothing (the kernel's rounds would not end): refused, as in generate()."""
+    from engine.sampling import generate
+    from models.config import ModelConfig
+    from models.transformer import Transformer
+
+    buf = _buffers(2, 1)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            S.sample_and_record(torch.zeros(2, 8, device=DEV), S.stream_keys(0, torch.arange(2, device=DEV)),
+                                torch.tensor([0], device=DEV), temperature=1.0, top_p=bad, pad_id=0,
+                                eos=torch.tensor([-1], device=DEV), **buf)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(Transformer(ModelConfig.from_preset("tiny-dense")), [[3, 4]], max_new_tokens=2, top_p=0.0)
