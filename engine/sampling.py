@@ -141,8 +141,7 @@ class _StepCounts:
     def __init__(self, dec: "_Decoder"):
         self.dec = dec
         self.cuda = dec.done.is_cuda
-        pin = self.cuda
-        self.host = [torch.zeros(2, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.host = [torch.zeros(2, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
         self.i = 0
 

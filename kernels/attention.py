@@ -234,12 +234,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_po
     ml = torch.empty((B, K, n_split, 2, BLOCK_M), dtype=torch.float32, device=q.device)  # partial m, l
     acc = torch.empty((B, K, n_split, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)  # partial acc
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)  # (B, T, H, D)
+    unroll = cfg.pop("UNROLL")  # the merge's only
     common = dict(G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, HAS_MASK=attention_mask is not None,
                   HAS_WINDOW=window is not None, **cfg)
     args = (T, S, window or 0, D ** -0.5)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     _split_kernel[(B, K, n_split)](q, k, v, input_pos, mask, ml, acc, *args, per_split, *strides, stride_mb,
-                                   **{n: c for n, c in common.items() if n != "UNROLL"})
+                                   **common)
     _combine_kernel[(B, K)](q, k, v, o, input_pos, mask, ml, acc, *args, n_split, *strides, *o.stride()[:3],
-                            stride_mb, **common)
+                            stride_mb, UNROLL=unroll, **common)
     return o

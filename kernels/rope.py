@@ -104,6 +104,22 @@ def _rope_qkv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, ck_p
                     D // 2, BLOCK)
 
 
+def _tables_fit(cos: torch.Tensor, M: int) -> bool:
+    """Whether the kernels take cos (and sin, same shape) for M = B*T rows: an even head dim, and one
+    table row per batch row or one shared by all."""
+    T, D = cos.shape[-2], cos.shape[-1]
+    return D % 2 == 0 and M % T == 0 and cos.numel() // (T * D) in (1, M // T)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """cos, sin as (B|1, T, D), and their (batch, token) strides as the kernels take them (batch
+    stride 0 when one table row serves every batch row)."""
+    T, D = cos.shape[-2], cos.shape[-1]
+    cos, sin = cos.reshape(-1, T, D), sin.reshape(-1, T, D)
+    row_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731
+    return cos, sin, (row_stride(cos), cos.stride(1), row_stride(sin), sin.stride(1))
+
+
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              cache: tuple | None = None, backend: str | None = None):
     """RoPE on q and k in one launch; with a cache, k and v also go into it.
@@ -117,14 +133,13 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     M = q.shape[0]
     use_kernel = backend == "triton" or (backend is None and q.is_cuda)
     tensors = (q, k, v, cos, sin) + (tuple(cache[:2]) if cache is not None else ())
-    if (not use_kernel or D % 2 or M % T or q.dim() != 2 or q.shape[1] % D or k.shape[1] % D
-            or cos.numel() // (T * D) not in (1, M // T) or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1
+    if (not use_kernel or not _tables_fit(cos, M) or q.dim() != 2 or q.shape[1] % D or k.shape[1] % D
+            or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1
             or any(t.stride(-1) != 1 for t in tensors)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
         return rope_qkv_reference(q, k, v, cos, sin, cache)
     H, K = q.shape[1] // D, k.shape[1] // D
-    cos, sin = cos.reshape(-1, T, D), sin.reshape(-1, T, D)  # (B|1, T, D)
-    row_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1, T, D): shared by rows
+    cos, sin, table_strides = _tables(cos, sin)  # (B|1, T, D)
     q_out = torch.empty((M, H * D), dtype=q.dtype, device=q.device)
     k_out = None if cache is not None else torch.empty((M, K * D), dtype=k.dtype, device=k.device)
     ko = k_out if k_out is not None else q_out  # without a cache the kernel writes k_out, else never
@@ -132,9 +147,8 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     c_strides = (*ck.stride()[:3], *cv.stride()[:3]) if cache is not None else (0,) * 6
     _rope_qkv_kernel[(M, H + K)](
         q, k, v, cos, sin, q_out, ko, ck, cv, pos, T, q.stride(0), k.stride(0), v.stride(0),
-        q_out.stride(0), ko.stride(0), row_stride(cos), cos.stride(1), row_stride(sin), sin.stride(1),
-        *c_strides, H=H, D=D, WRITE_CACHE=cache is not None, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
-        enable_fp_fusion=False)
+        q_out.stride(0), ko.stride(0), *table_strides, *c_strides, H=H, D=D, WRITE_CACHE=cache is not None,
+        BLOCK=triton.next_power_of_2(D // 2), num_warps=1, enable_fp_fusion=False)
     return q_out, k_out
 
 
@@ -191,13 +205,12 @@ def rope_from_sums(sums: torch.Tensor, rows: int, n_heads: int, n_kv: int, cos: 
     (T,)) and zeroes the sums it read. -> q_rot (M, H*D) in dtype. The caller checks `sums_fit`."""
     T, D = cos.shape[-2], cos.shape[-1]
     M = sums.shape[1]
-    cos, sin = cos.reshape(-1, T, D), sin.reshape(-1, T, D)  # (B|1, T, D)
-    row_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (1, T, D): shared by rows
+    cos, sin, table_strides = _tables(cos, sin)  # (B|1, T, D)
     ck, cv, pos = cache[0], cache[1], cache[2].contiguous()
     q_out = torch.empty((M, n_heads * D), dtype=dtype, device=sums.device)
     _rope_sums_kernel[(M, n_heads + n_kv)](
-        sums, cos, sin, q_out, ck, cv, pos, M, T, rows, q_out.stride(0), row_stride(cos), cos.stride(1),
-        row_stride(sin), sin.stride(1), *ck.stride()[:3], *cv.stride()[:3], H=n_heads, K=n_kv, D=D,
+        sums, cos, sin, q_out, ck, cv, pos, M, T, rows, q_out.stride(0), *table_strides,
+        *ck.stride()[:3], *cv.stride()[:3], H=n_heads, K=n_kv, D=D,
         BLOCK=triton.next_power_of_2(D // 2), num_warps=1, enable_fp_fusion=False)
     return q_out
 
@@ -206,8 +219,8 @@ def sums_fit(rows: int, n_heads: int, n_kv: int, cos: torch.Tensor, sin: torch.T
              dtype: torch.dtype, M: int) -> bool:
     """Whether rope_from_sums takes these: whole heads per segment, the cos/sin and cache layouts
     rope_qkv takes, all in dtype (so it rounds where rope_qkv rounds)."""
-    T, D = cos.shape[-2], cos.shape[-1]
+    D = cos.shape[-1]
     ck, cv = cache[0], cache[1]
-    return (D % 2 == 0 and rows % D == 0 and M % T == 0 and cos.numel() // (T * D) in (1, M // T)
+    return (_tables_fit(cos, M) and rows % D == 0
             and cos.dtype == sin.dtype == ck.dtype == cv.dtype == dtype and ck.shape[1] == n_kv
             and ck.shape[-1] == D and all(t.stride(-1) == 1 for t in (cos, sin, ck, cv)))

@@ -137,11 +137,12 @@ def _first_max(best_v, best_i, V):
 @triton.jit
 def _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK: tl.constexpr, GREEDY: tl.constexpr,
                   ABOVE: tl.constexpr):
-    """The first token of the largest score, over all tokens or (ABOVE) those with x > x_j. Each
-    lane keeps its own best across chunks (a later chunk wins only with a larger score), so the
-    chunks need no reduction; one at the end."""
+    """(the first token of the largest score, over all tokens or (ABOVE) those with x > x_j; the
+    largest x). Each lane keeps its own best across chunks (a later chunk wins only with a larger
+    score), so the chunks need no reduction; one at the end."""
     best_v = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK], tl.int32)
+    m_v = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, GREEDY)
         if ABOVE:
@@ -149,7 +150,8 @@ def _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK: tl.constexpr, GREEDY: t
         take = score > best_v
         best_v = tl.where(take, score, best_v)
         best_i = tl.where(take, offs, best_i)
-    return _first_max(best_v, best_i, V)
+        m_v = tl.maximum(m_v, x)
+    return _first_max(best_v, best_i, V), tl.max(m_v, axis=0)
 
 
 @triton.jit
@@ -176,28 +178,17 @@ def _sample_record_kernel(logits_ptr, stride_l, keys_ptr, t_ptr, done_ptr, eos_p
     t = tl.load(t_ptr)  # int64 index of the token sampled now
     key = _mix32(tl.load(keys_ptr + r).to(tl.uint32) ^ (t.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)))
 
-    # Pass 1: the argmax of the scores over all tokens, and (for top-p) the max logit.
-    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK], tl.int32)
-    m_v = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        offs, x, score = _chunk(row_ptr, start, V, inv_temp, key, BLOCK, GREEDY)
-        take = score > best_v
-        best_v = tl.where(take, score, best_v)
-        best_i = tl.where(take, offs, best_i)
-        if TOP_P:
-            m_v = tl.maximum(m_v, x)
-    best_i = _first_max(best_v, best_i, V)
+    # Pass 1: the argmax of the scores over all tokens, and the max logit (for top-p).
+    best_i, m = _argmax_above(row_ptr, V, inv_temp, key, 0.0, BLOCK, GREEDY, False)
 
     if TOP_P:
         # Pass 2 (+ rare rounds): while the mass above the chosen logit reaches top_p, the chosen
         # token is not kept, nor is any with a logit <= its logit: take the argmax above it.
-        m = tl.max(m_v, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)  # all logits -inf: nothing to normalize
         x_j = tl.load(row_ptr + best_i).to(tl.float32) * inv_temp
         above, z = _mass_above(row_ptr, V, inv_temp, key, m, x_j, BLOCK)
         while above / z >= top_p:
-            best_i = _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK, GREEDY, True)
+            best_i, _ = _argmax_above(row_ptr, V, inv_temp, key, x_j, BLOCK, GREEDY, True)
             x_j = tl.load(row_ptr + best_i).to(tl.float32) * inv_temp
             above, z = _mass_above(row_ptr, V, inv_temp, key, m, x_j, BLOCK)
 

@@ -16,7 +16,8 @@ _COMPILE = textwrap.dedent("""
     ints = lambda names: {n: i32 for n in names.split()}
     for res, slots in ((True, 0), (False, 0), (True, 2)):  # slots: an MoE output's SlotSums (top-2)
         sig = dict(x_ptr=bf, r_ptr="*fp32" if slots else bf, w_ptr=bf, y_ptr=bf, s_ptr=bf,
-                   wt_ptr=bf if slots else "constexpr", C=i32, eps="fp32", **ints("stride_x stride_r stride_y stride_s"))
+                   wt_ptr=bf if slots else "constexpr", C=i32, eps="fp32",
+                   **ints("stride_x stride_r stride_y stride_s"))
         consts = dict(HAS_RESIDUAL=res, BLOCK=4096, SLOTS=slots, **({} if slots else dict(wt_ptr=None)))
         compile_(f"norm_residual={res}_slots={slots}", norm._add_rms_norm_kernel, sig, consts, 8,
                  enable_fp_fusion=False)

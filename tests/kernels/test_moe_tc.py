@@ -112,6 +112,47 @@ def _experts(C, I, device, E=8, seed=0):
                               [q(C, I) for _ in range(E)])
 
 
+def _decode_with_flag(cfg, flag: str, owner, spied: str):
+    """A tiny bf16 NF4 model of cfg on the GPU decodes 2 steps after a 4-token prefill (3 rows), with
+    models.transformer's `flag` on, then off; `owner.spied` is counted in each run.
+    -> (logits on, logits off, calls on, calls off)."""
+    import models.transformer as MT
+    from models.nf4 import replace_linears_with_nf4
+
+    torch.manual_seed(0)
+    model = MT.Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
+    model = model.to("cuda", torch.bfloat16)
+    replace_linears_with_nf4(model)
+    ids = torch.randint(0, 256, (3, 6), device="cuda")
+    calls, real = [], getattr(owner, spied)
+
+    def logits(on):
+        setattr(MT, flag, on)
+        out = []
+        with torch.no_grad():
+            model.setup_kv_cache(3, 16)
+            try:
+                model(ids[:, :4], input_pos=torch.arange(4, device="cuda"))
+                for t in (4, 5):
+                    out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
+            finally:
+                model.clear_kv_cache()
+                setattr(MT, flag, True)
+        return torch.cat(out, 1).float()
+
+    setattr(owner, spied, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    try:
+        on = logits(True)
+        n_on = len(calls)
+        off = logits(False)
+    finally:
+        setattr(owner, spied, real)
+    return on, off, n_on, len(calls) - n_on
+
+
 if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfloat16, device="cuda"),
                                              torch.zeros(1, 2, dtype=torch.int64, device="cuda"),
                                              _experts(128, 128, "cuda", E=2)):
@@ -185,43 +226,14 @@ if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfl
         """A Mixtral-like model on moe_tc: decode steps with the combine deferred into the next
         RMSNorm (kernels.norm.SlotSums) give the logits of a separate combine launch."""
         import kernels.norm as N
-        import models.transformer as MT
         from models.config import ModelConfig
-        from models.nf4 import replace_linears_with_nf4
 
         cfg = ModelConfig(model_type="mixtral", vocab_size=256, hidden_size=256, intermediate_size=512,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
-        torch.manual_seed(0)
-        model = MT.Transformer(cfg).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
-        model = model.to("cuda", torch.bfloat16)
-        replace_linears_with_nf4(model)
-        ids = torch.randint(0, 256, (3, 6), device="cuda")
-        taken, real = [], N.SlotSums.take
-        N.SlotSums.take = lambda self: taken.append(1) or real(self)
-
-        def logits(deferred):
-            MT.DEFERRED_COMBINE = deferred
-            out = []
-            with torch.no_grad():
-                model.setup_kv_cache(3, 16)
-                try:
-                    model(ids[:, :4], input_pos=torch.arange(4, device="cuda"))
-                    for t in (4, 5):
-                        out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
-                finally:
-                    model.clear_kv_cache()
-                    MT.DEFERRED_COMBINE = True
-            return torch.cat(out, 1).float()
-
-        try:
-            deferred, separate = logits(True), logits(False)
-        finally:
-            N.SlotSums.take = real
-        assert len(taken) == 2 * cfg.num_hidden_layers  # two decode steps, every layer (not the 12-token prefill)
+        deferred, separate, n_on, n_off = _decode_with_flag(cfg, "DEFERRED_COMBINE", N.SlotSums, "take")
+        # two decode steps, every layer (not the 12-token prefill)
+        assert n_on == 2 * cfg.num_hidden_layers and n_off == 0
         assert ((deferred - separate).abs().max() / separate.abs().max()).item() < 2e-2
 
 
@@ -299,40 +311,10 @@ if torch.cuda.is_available() and TC.gluon is not None and torch.cuda.get_device_
         (FUSED_QKV_ROPE), give the logits of three separate GEMVs / of the separate RoPE launch."""
         import models.transformer as MT
         from models.config import ModelConfig
-        from models.nf4 import replace_linears_with_nf4
 
         cfg = ModelConfig(model_type="mistral", vocab_size=256, hidden_size=512, intermediate_size=512,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=64)
-        torch.manual_seed(0)
-        model = MT.Transformer(cfg).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
-        model = model.to("cuda", torch.bfloat16)
-        replace_linears_with_nf4(model)
-        ids = torch.randint(0, 256, (3, 6), device="cuda")
-        owner = M if spied == "multi_gemv" else MT
-        calls, real = [], getattr(owner, spied)
-        setattr(owner, spied, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-
-        def logits(fused):
-            setattr(MT, flag, fused)
-            out = []
-            with torch.no_grad():
-                model.setup_kv_cache(3, 16)
-                try:
-                    model(ids[:, :4], input_pos=torch.arange(4, device="cuda"))
-                    for t in (4, 5):
-                        out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t], device="cuda")))
-                finally:
-                    model.clear_kv_cache()
-                    setattr(MT, flag, True)
-            return torch.cat(out, 1).float()
-
-        try:
-            fused, separate = logits(True), logits(False)
-        finally:
-            setattr(owner, spied, real)
-        assert len(calls) == 2 * cfg.num_hidden_layers  # two decode steps, every layer (not the prefill)
+        fused, separate, n_on, n_off = _decode_with_flag(cfg, flag, M if spied == "multi_gemv" else MT, spied)
+        assert n_on == 2 * cfg.num_hidden_layers and n_off == 0  # two decode steps, every layer (not the prefill)
         assert ((fused - separate).abs().max() / separate.abs().max()).item() < 2e-2
