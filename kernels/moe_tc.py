@@ -39,7 +39,7 @@ MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
 # ITEMS 8 read 1% under 10 at 3 and 8 tokens (220-222 / 311-314 us), 12 above. Other shapes lost there:
 # 3 uncapped programs per SM, 8 warps x 1 or 2 row tiles. The dense GEMV has too few items for this
 # (3584 on 14336x4096: one wave is 6.8 per program) and is best at one wave.
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8, FOUR=True, ALU=None)  # FOUR, ALU: see nf4_tc
 
 
 def plan_size(E: int) -> int:
@@ -164,9 +164,9 @@ if TC.gluon is not None:
         return seg + wrap, tile - wrap * tiles, s
 
     @gluon.jit
-    def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, P, N, K, E, X_WORDS, ROW_DIV,
-                       ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
+    def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, zeros_ptr, P, N, K, E, X_WORDS,
+                       ROW_DIV, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
                        PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
@@ -181,9 +181,15 @@ if TC.gluon is not None:
         row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
         w_off = row_in_tile * (spans * 16) + q1
         aq_off = row_in_tile * spans
-        col = r2 % 8  # the MMA column (pair) this lane loads activations for
+        # the pair whose activations this lane loads: its MMA column (FOUR: columns c and c + 4 are pair c,
+        # for group A's lanes (t < 2) and group B's; the other group's lanes read zeros, see TC._asm)
+        col = r2 % 8
         x_col = 16 * (q1 // 4)  # its 16 words of the span
-        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: columns 2t, 2t + 1
+        if FOUR:
+            col = col % 4
+            tok = 2 * ((q1 // 4) % 2) + q1 % 4  # accumulators 0, 1 of each thread's four: pairs 2t, 2t + 1 (t mod 2)
+        else:
+            tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: columns 2t, 2t + 1
         acc_col = q1 % 4 < 2
         pairs_of = plan_ptr + 1 + 2 * E  # (E, COLS)
 
@@ -212,10 +218,12 @@ if TC.gluon is not None:
                 e, wp, ap, a2p, off, x_row = _segment_state(n_seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS, COLS)
             words, aq = _expert_item(wp, ap, n_tile, n_s, spans, w_off, aq_off, BN)
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
-            a2 = gl.load(cur_a2p + ((rows * spans + s) >> 7))
+            a2 = gl.load(cur_a2p + ((aq_off + (tile * BN * spans + s)) >> 7))  # (row * spans + s) >> 7
             x_words = x_ptr.to(gl.pointer_type(gl.int32)) + cur_row.to(gl.int64) * X_WORDS + x_col + s * 64
+            if FOUR:  # the second x address of each 8-element pack: zeros (see TC._asm)
+                x_words = gl.where(q1 % 4 == 1, zeros_ptr.to(gl.pointer_type(gl.int32)), x_words)
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, cur_off, acc],
+                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32), a2, cur_off, acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the (expert, weight, tile) is done
@@ -256,15 +264,17 @@ def _meta(c: dict) -> dict:
     return dict(W=c["W"], REP=c["REP"], num_warps=c["W"], **({"maxnreg": c["MAXNREG"]} if c.get("MAXNREG") else {}))
 
 
-def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c, active=None, per_segment=False):
+def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c, active=None, per_segment=False,
+            columns=MAX_TOKENS):
     """One _moe_tc_kernel launch; `active`: the most segments' slots the plan can fill (default: every
-    pair on its own expert)."""
+    pair on its own expert); `columns`: the most pairs a segment can have (the four-column PTX for <= 4)."""
     bn = meta["REP"] * 16 * meta["W"]
     max_items = (min(P, E) if active is None else active) * mats * (N // bn) * (K // 128)
     programs = programs_for(c, _num_sms(x_rows.device), max_items)
     compiled = _moe_tc_kernel[(programs,)](
-        x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, P, N, K, E,
-        x_rows.stride(0) // 2, row_div, **TC.kernel_constexprs(x_rows.dtype), MATS=mats, COLS=MAX_TOKENS,
+        x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, TC.zero_words(x_rows.device),
+        P, N, K, E, x_rows.stride(0) // 2, row_div,
+        **TC.kernel_constexprs(x_rows.dtype, c.get("ALU"), TC.takes_four(columns, c)), MATS=mats, COLS=MAX_TOKENS,
         PER_SEGMENT=per_segment, **meta)
     TC.check_shared(compiled, "moe_tc")
 
@@ -308,10 +318,10 @@ def moe_decode_tc(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     done = False
     try:
         code2 = w.w1[0].code2
-        _launch(x, w.table13, plan, code2, gu, P, I, C, E, top_k, 2, meta, c)
+        _launch(x, w.table13, plan, code2, gu, P, I, C, E, top_k, 2, meta, c, columns=T)
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         _swiglu_zero_kernel[(triton.cdiv(P * I, 1024),)](gu, h, P * I, BLOCK=1024, num_warps=4)
-        _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, c)
+        _launch(h, w.table2, plan, code2, y, P, C, I, E, 1, 1, meta, c, columns=T)
         if not combine:
             done = True
             _LAST_OUTPUT[0] = SlotSums(y.view(P, C), weights.reshape(T, top_k), x.dtype)
@@ -424,7 +434,8 @@ def multi_gemv(x: torch.Tensor, weights, config: dict | None = None, epilogue=No
     out = TC.resident_sums(x.device, R * T * rows, "multi_gemv")  # (R, T, rows)
     done = False
     try:
-        _launch(x, table, plan, weights[0].code2, out, T, rows, K, R, 1, 1, meta, c, active=R, per_segment=True)
+        _launch(x, table, plan, weights[0].code2, out, T, rows, K, R, 1, 1, meta, c, active=R, per_segment=True,
+                columns=T)
         if epilogue is not None:
             y = epilogue(out.view(R, T, rows), rows)
             done = True

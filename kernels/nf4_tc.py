@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
-from kernels.nf4 import (BLOCKSIZE, NF4Tensor, _absmax_reference, _check_2d, _num_sms, cuda_capability,
-                         nf4_half_pairs)
+from kernels.nf4 import (BLOCKSIZE, NF4_VALUES, NF4Tensor, _absmax_reference, _check_2d, _num_sms,
+                         cuda_capability, nf4_half_pairs)
 
 try:  # Gluon: Triton >= 3.5 (the API this file uses is the one of Triton 3.6)
     from triton.experimental import gluon
@@ -66,18 +66,22 @@ def span_slots() -> torch.Tensor:
     return slots
 
 
-def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None, four: bool | None = None
+            ) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch (fp32 accumulation, K % 128 == 0): per span and group
     chain, the MMAs' A tiles gathered through the pair table at `span_slots`, B from x at the same
     columns, the chain's sum scaled by the group's absmax; returned in out_dtype (default x.dtype;
-    the kernel's accumulator is fp32). For tests on machines without a GPU."""
+    the kernel's accumulator is fp32). The eight-column PTX adds both groups into one sum span after
+    span; the four-column one (`four`, default: at most 4 tokens) keeps a sum per group (its lanes)
+    and adds the two at the end. For tests on machines without a GPU."""
     N, K = q.shape
     M = x.shape[0]
+    four = takes_four(M) if four is None else four
     table = nf4_half_pairs("cpu", x.dtype)
     packed = q.packed.reshape(N, K // 2).to(torch.long).cpu()
     absmax = _absmax_reference(q).reshape(N, K // BLOCKSIZE).cpu()
     xs = x.cpu().float()
-    y = torch.zeros(M, N, dtype=torch.float32)
+    y = torch.zeros(2 if four else 1, M, N, dtype=torch.float32)
     slots = span_slots()
     for sp in range(K // (2 * BLOCKSIZE)):
         for chain in range(2):
@@ -88,8 +92,8 @@ def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None)
                 bits = torch.where(cols % 2 == 0, pairs & 0xFFFF, (pairs >> 16) & 0xFFFF)
                 a = bits.to(torch.int16).view(x.dtype).float()  # unscaled NF4 in x's dtype
                 d += xs[:, cols] @ a.T
-            y += d * absmax[:, 2 * sp + chain][None, :]
-    return y.to(out_dtype or x.dtype)
+            y[chain if four else 0] += d * absmax[:, 2 * sp + chain][None, :]
+    return y.sum(0).to(out_dtype or x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,34 +105,99 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}0, {d}1, {d}2,
         "{{{b0}, {b1}}}, {{{c}}};")
 
 
-def _asm(ty: str) -> str:
+def _byte_tables(dtype: torch.dtype) -> list[int]:
+    """The 16 NF4 values in `dtype` split for register lookups: words holding the low bytes of entries
+    0-3, 4-7, 8-11, 12-15, then the same for the high bytes (byte i of a word: entry 4 w + i)."""
+    bits = [v & 0xFFFF for v in torch.tensor(NF4_VALUES, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
+    return [sum(((bits[4 * w + i] >> shift) & 0xFF) << (8 * i) for i in range(4))
+            for shift in (0, 8) for w in range(4)]
+
+
+def _alu_pair(dtype: torch.dtype, w: str, shift: int, lo: str, hi: str) -> list[str]:
+    """PTX that looks up two packed bytes (bits shift .. shift + 15 of word w) in registers instead of
+    shared memory: lo / hi get the bf16x2 (fp16x2) pairs of the first / second byte. Why: the shared
+    lookups (one LDS per byte) are the core's busiest pipe; these 13 instructions use only the ALUs.
+    Stage 1 (per table half, per byte half): prmt picks, for each of the 4 nibbles, byte (n & 7) of an
+    8-entry half; stage 2 keeps the half that bit 3 of each nibble names (selector 0x3210, + 4 where the
+    bit is set); stage 3 interleaves low and high bytes into (even element, odd element) pairs."""
+    t = _byte_tables(dtype)
+    src = w
+    body = []
+    if shift:
+        body.append(f"shr.b32 q, {w}, {shift};")
+        src = "q"
+    body += [f"and.b32 sl, {src}, 0x7777;", f"shr.b32 v, {src}, 1;", "and.b32 v, v, 0x4444;", "or.b32 v, v, 0x3210;",
+             f"prmt.b32 la, {hex(t[0])}, {hex(t[1])}, sl;", f"prmt.b32 lb, {hex(t[2])}, {hex(t[3])}, sl;",
+             f"prmt.b32 ha, {hex(t[4])}, {hex(t[5])}, sl;", f"prmt.b32 hb, {hex(t[6])}, {hex(t[7])}, sl;",
+             "prmt.b32 la, la, lb, v;", "prmt.b32 ha, ha, hb, v;",
+             # byte 0 holds nibbles 1 (even element) and 0; byte 1 nibbles 3 and 2
+             f"prmt.b32 {lo}, la, ha, 0x4051;", f"prmt.b32 {hi}, la, ha, 0x6273;"]
+    return body
+
+
+def alu_units(n: int) -> list[tuple[int, int]]:
+    """The (MMA j, row half h) byte pairs of a row tile's 16 that `n` register lookups take: spread
+    over the MMAs, even j first (their bytes are the word's low half: no shift)."""
+    order = [(j, h) for j in (0, 4, 2, 6) for h in (0, 1)] + [(j, h) for j in (1, 5, 3, 7) for h in (0, 1)]
+    if not 0 <= n <= len(order):
+        raise ValueError(f"ALU: 0..{len(order)} byte pairs per row tile, got {n}")
+    return sorted(order[:n])
+
+
+def _asm(ty: str, dtype: torch.dtype = torch.bfloat16, alu: int = 0, four: bool = False) -> str:
     """PTX for one row tile of one span, per thread (pack=8). Operands: $0-$7 accumulators out;
     $8-$15 words (row g: w0..w3, row g + 8W: w0..w3; lanes t < 2 hold group A, t >= 2 group B);
     $16 the address of the thread's 16 x pairs u0..u15 (64 contiguous bytes: elements 32t .. 32t + 31
-    of the span for token g); $24 / $28 the absmax codes of rows g / g + 8W (group A in the low
-    byte, B in the next); $32 / $36 their absmax2; $40 the offset; $48-$55 accumulators in.
-    Accumulator i = 4h + w holds row h, token 2t + w for w < 2 (w = 2, 3 pass through).
+    of the span for its MMA column), $17 (`four`) the address of 64 zero bytes; $24 / $28 the absmax
+    codes of rows g / g + 8W (group A in byte 0, B in byte 1; bytes 2, 3 are ignored: the int16 codes
+    come sign-extended); $32 / $36 their absmax2; $40 the offset; $48-$55 accumulators in.
+    Accumulator i = 4h + w holds row h, MMA column 2t + w for w < 2 (w = 2, 3 pass through).
     x is loaded here (L1 hits: every warp reads the same span) so that no copy of it waits in
-    registers across the loop. MMA j (0..7) takes bytes 2j and 2j + 1 of each row's 16 and x pairs
-    u2j, u2j+1: as they are on group A's lanes (t < 2) and zero on group B's for group A's chain,
-    and the other way round for group B's chain (selp)."""
+    registers across the loop. MMA j (0..7) takes bytes 2j and 2j + 1 of each row's 16, and x pairs
+    u2j, u2j+1 at the same columns. Each MMA mixes the two quant groups (lanes t < 2 hold group A's
+    bytes), which are scaled apart:
+    - eight columns (default): column g is token g; each MMA runs twice, on x zeroed on group B's
+      lanes (selp) for group A's chain and the other way round, and each chain is scaled by its group;
+    - `four` (at most 4 tokens): columns 0-3 are tokens 0-3 of group A, columns 4-7 the same tokens of
+      group B: a column's lanes of the other group load zeros ($17) instead of x. One MMA per j and one
+      chain; lane t < 2 holds group A's sums of tokens 2t, 2t + 1, lane t + 2 group
+      B's, each scaled by its own group: half the MMAs, no selp, half the scaling.
+    `alu` byte pairs (`alu_units`) are looked up in registers (`_alu_pair`), the rest in the table."""
     u = [f"u{i}" for i in range(16)]
-    body = ["{", ".reg .b32 t, base, cb, a0, a1, a2, a3, b0, b1, " + ", ".join(u) + ";", ".reg .pred pa;",
-            ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3, z, s;"]
-    body += [f"ld.global.nc.v4.b32 {{{', '.join(u[4 * v:4 * v + 4])}}}, [$16+{16 * v}];" for v in range(4)]
-    body += ["mov.f32 z, 0f00000000;", "mov.u32 base, %laneid;", "and.b32 t, base, 2;", "setp.eq.u32 pa, t, 0;",
-             "mov.u32 cb, global_smem;", "mad.lo.u32 base, base, 4, cb;", f"add.u32 cb, cb, {TABLE_BYTES};"]
+    units = set(alu_units(alu))
+    body = ["{", ".reg .b32 t, gs, base, cb, a0, a1, a2, a3, b0, b1, q, sl, v, la, lb, ha, hb, " + ", ".join(u) + ";",
+            ".reg .b64 xa;", ".reg .pred pa;", ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3, z, s;",
+            "mov.u32 base, %laneid;", "and.b32 t, base, 2;"]
+    if four:
+        # the lane's bytes are group (t >= 2), its column's group (lane >= 16): its x where they agree,
+        # else the 64 zero bytes at $17; the byte group also picks its absmax code (byte 0 or 1)
+        body += ["shr.b32 t, t, 1;", "shr.b32 q, base, 4;", "setp.eq.u32 pa, t, q;", "selp.b64 xa, $16, $17, pa;",
+                 "add.u32 gs, t, 0x4440;"]
+    else:
+        body += ["setp.eq.u32 pa, t, 0;", "mov.b64 xa, $16;"]
+    body += [f"ld.global.nc.v4.b32 {{{', '.join(u[4 * v:4 * v + 4])}}}, [xa+{16 * v}];" for v in range(4)]
+    body += ["mov.f32 z, 0f00000000;", "mov.u32 cb, global_smem;", "mad.lo.u32 base, base, 4, cb;",
+             f"add.u32 cb, cb, {TABLE_BYTES};"]
     for j in range(8):
         w_g, w_h = f"${8 + j // 2}", f"${12 + j // 2}"
         lo, hi = 2 * (j % 2), 2 * (j % 2) + 1  # bytes 2j, 2j + 1 inside their word
-        for dst, w, byte in (("a0", w_g, lo), ("a1", w_h, lo), ("a2", w_g, hi), ("a3", w_h, hi)):
-            body.append(_LOOKUP.format(w=w, sel=hex(0x4440 + byte), dst=dst))
+        for h, (w, dst_lo, dst_hi) in enumerate(((w_g, "a0", "a2"), (w_h, "a1", "a3"))):
+            if (j, h) in units:
+                body += _alu_pair(dtype, w, 8 * lo, dst_lo, dst_hi)
+            else:
+                body += [_LOOKUP.format(w=w, sel=hex(0x4440 + lo), dst=dst_lo),
+                         _LOOKUP.format(w=w, sel=hex(0x4440 + hi), dst=dst_hi)]
+        if four:
+            c = "z, z, z, z" if j == 0 else "e0, e1, e2, e3"
+            body.append(_MMA.format(ty=ty, d="e", b0=u[2 * j], b1=u[2 * j + 1], c=c))
+            continue
         for d, keep in (("e", "{u}, 0"), ("f", "0, {u}")):  # group A's chain, group B's chain
             body += [f"selp.b32 b0, {keep.format(u=u[2 * j])}, pa;", f"selp.b32 b1, {keep.format(u=u[2 * j + 1])}, pa;"]
             c = "z, z, z, z" if j == 0 else f"{d}0, {d}1, {d}2, {d}3"
             body.append(_MMA.format(ty=ty, d=d, b0="b0", b1="b1", c=c))
+    chains = (("e", "gs"),) if four else (("e", "0x4440"), ("f", "0x4441"))
     for h, (aq, a2) in enumerate((("$24", "$32"), ("$28", "$36"))):
-        for grp, (d, sel) in enumerate((("e", "0x4440"), ("f", "0x4441"))):
+        for grp, (d, sel) in enumerate(chains):
             # the group's absmax, as the reference rounds it: code2[code] * absmax2, then + offset
             body += [f"prmt.b32 t, {aq}, 0, {sel};", "mad.lo.u32 t, t, 4, cb;", "ld.shared.f32 s, [t];",
                      f"mul.rn.f32 s, s, {a2};", "add.rn.f32 s, s, $40;"]
@@ -143,7 +212,9 @@ def _asm(ty: str) -> str:
 TABLE_BYTES = 256 * 32 * 4  # the pair table: 256 byte values x 32 lanes, int32
 SHARED_BYTES = TABLE_BYTES + 256 * 4  # + code2
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}  # x dtypes, with their PTX type
-ASM = {dtype: _asm(ty) for dtype, ty in DTYPES.items()}
+ASM = {dtype: _asm(ty, dtype) for dtype, ty in DTYPES.items()}  # eight columns, every byte looked up in shared memory
+LOOKUP_ALU = 0  # byte pairs per row tile and span looked up in registers instead (alu_units); a config's "ALU" wins
+_ASM_VARIANTS: dict = {}  # (dtype, alu, four) -> the PTX of that variant
 CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 8 + ["r"] * 8 + ["f"] * 24)
 _FILL_TABLE = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $8; st.shared.v4.b32 [b], {$4, $5, $6, $7}; "
                "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
@@ -151,10 +222,19 @@ _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shar
                % TABLE_BYTES)
 
 
-def kernel_constexprs(dtype: torch.dtype) -> dict:
+def kernel_constexprs(dtype: torch.dtype, alu: int | None = None, four: bool = False) -> dict:
     """The PTX strings a kernel on this core takes as constexprs (its MMA block and table fills), for
-    x's dtype; _nf4_tc_kernel also takes PDL_PTX."""
-    return dict(ASM=ASM[dtype], CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2)
+    x's dtype, `alu` register-looked-up byte pairs per row tile (default LOOKUP_ALU) and the column
+    layout (`four`: at most 4 tokens, see _asm); the kernels also take FOUR=four, and _nf4_tc_kernel
+    PDL_PTX."""
+    alu = LOOKUP_ALU if alu is None else alu
+    if alu or four:
+        if (dtype, alu, four) not in _ASM_VARIANTS:
+            _ASM_VARIANTS[dtype, alu, four] = _asm(DTYPES[dtype], dtype, alu, four)
+        text = _ASM_VARIANTS[dtype, alu, four]
+    else:
+        text = ASM[dtype]
+    return dict(ASM=text, CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2, FOUR=four)
 
 
 PDL_PTX = dict(GDC_WAIT=pdl.GDC_WAIT, GDC_LAUNCH=pdl.GDC_LAUNCH)
@@ -235,10 +315,10 @@ if gluon is not None:
         gl.atomic_add(f32_ptr + c_idx, res_code2.load(CL).to(gl.float32), mask=(c_idx >= 0) & never)
 
     @gluon.jit
-    def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr,
+    def _nf4_tc_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, y_ptr, zeros_ptr,
                        M, N, K, ITEMS_PER_PROGRAM,
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
+                       FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
                        W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr, PDL: gl.constexpr,
                        num_warps: gl.constexpr):
         # Work: items (row tile of BN rows, span of 2 quant groups = 128 columns), tile-major; program p
@@ -258,11 +338,19 @@ if gluon is not None:
         w_off = row_in_tile * (spans * 16) + q1  # int32: a tile's words (the launcher: N * K / 64 < 2**31)
         aq_codes = absmax_ptr.to(gl.pointer_type(gl.int16))  # both groups' codes of a span, one load
         aq_off = row_in_tile * spans
-        # x of thread (g, t): token g = row % 8, elements 32 t .. 32 t + 31 of the span (64 bytes, read by
-        # the PTX); tokens >= M read token M - 1, whose MMA columns are dropped at the end
-        token = r2 % 8
+        # x of thread (g, t): MMA column g = row % 8, elements 32 t .. 32 t + 31 of the span (64 bytes,
+        # read by the PTX); tokens >= M read token M - 1, whose MMA columns are dropped at the end.
+        # Eight columns: column g is token g. FOUR: columns g and g + 4 are token g, for group A's lanes
+        # (t < 2) and group B's; the PTX points the other group's lanes at zeros (zeros_ptr, 64 bytes,
+        # passed as the second x address of each 8-element pack: q1 % 4 == 1, a constant per register)
+        col = r2 % 8
+        if FOUR:
+            token = col % 4
+            tok = 2 * ((q1 // 4) % 2) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1 (t mod 2)
+        else:
+            token = col
+            tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
         x_words = x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
-        tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
         y_tok = (q1 % 4 < 2) & (tok < M)
 
         start = gl.program_id(0) * ITEMS_PER_PROGRAM
@@ -297,12 +385,19 @@ if gluon is not None:
                                        EVEN_N)
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
             # one absmax2 for both groups (even blocks); rows past N read row N - 1's
-            a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s) >> 7))
+            if EVEN_N:  # (row * spans + s) >> 7 with the per-thread part (aq_off) kept out of the loop
+                a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + s)) >> 7))
+            else:
+                a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s) >> 7))
+            x_at = x_words + s * 64
+            if FOUR:
+                x_at = gl.where(q1 % 4 == 1, zeros_ptr.to(gl.pointer_type(gl.int32)), x_at)
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, (x_words + s * 64).to(gl.int64), cur_aq.to(gl.int32) & 0xFFFF, a2, off, acc],
+                ASM, CONSTRAINTS, [cur, x_at.to(gl.int64), cur_aq.to(gl.int32), a2, off, acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed sums
+                # (FOUR: both groups' lanes add theirs)
                 gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
             # restart after a flush (a select, not a multiply by 0: an inf sum must not become NaN in the next tile)
             acc = gl.where(flush, gl.zeros_like(acc), acc)
@@ -319,8 +414,10 @@ if gluon is not None:
 # session 5: 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs). RESIDENT: the sums
 # buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200).
 # PDL: programmatic dependent launch of the GEMV and the cast (16.65 vs 17.63 us, H100, session 7)
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True)
+# FOUR: at most 4 tokens take the four-column PTX (half the MMAs, see _asm). ALU: register lookups (_alu_pair)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True, FOUR=True, ALU=None)
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
+_ZEROS: dict = {}  # device -> 64 zero bytes, never written: the x that four-column lanes of the other group read
 
 
 @triton.jit
@@ -346,6 +443,23 @@ def resident_sums(device: torch.device, n: int, tag: str = "gemv") -> torch.Tens
     if key not in _RESIDENT:
         _RESIDENT[key] = torch.zeros(n, dtype=torch.float32, device=device)
     return _RESIDENT[key]
+
+
+def zero_words(device: torch.device) -> torch.Tensor:
+    """16 int32 zeros on `device`, kept for good (CUDA graphs capture the address) and never written."""
+    key = str(device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(16, dtype=torch.int32, device=device)
+    return _ZEROS[key]
+
+
+FOUR_COLUMNS = True  # False: every launch takes the eight-column PTX (A/B runs); a config's "FOUR" too
+
+
+def takes_four(tokens: int, config: dict | None = None) -> bool:
+    """Whether a launch whose segments have at most `tokens` MMA columns' worth of tokens (pairs)
+    takes the four-column PTX (_asm)."""
+    return FOUR_COLUMNS and bool((config or {}).get("FOUR", True)) and tokens <= 4
 
 
 def supported(x: torch.Tensor, q: NF4Tensor) -> bool:
@@ -404,13 +518,15 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
         x = x.clone()
     programs, per_program, meta = plan(N, K, _num_sms(x.device), config)
     meta["PDL"] = meta["PDL"] and pdl.enabled(x)  # griddepcontrol: sm_90+, and not switched off
-    resident = (config or {}).get("RESIDENT", DEFAULT_CONFIG["RESIDENT"])
+    c = dict(DEFAULT_CONFIG, **(config or {}))
+    resident = c["RESIDENT"]
     acc = resident_sums(x.device, M * N) if resident else torch.zeros(M * N, dtype=torch.float32, device=x.device)
     cast = False
     try:
         compiled = _nf4_tc_kernel[(programs,)](
             x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
-            M, N, K, per_program, **kernel_constexprs(x.dtype), **PDL_PTX, launch_pdl=meta["PDL"], **meta)
+            zero_words(x.device), M, N, K, per_program, **kernel_constexprs(x.dtype, c["ALU"], takes_four(M, c)),
+            **PDL_PTX, launch_pdl=meta["PDL"], **meta)
         check_shared(compiled, "nf4_gemv_tc")
         if not resident:
             return acc.view(M, N).to(x.dtype)

@@ -36,8 +36,20 @@ def sm90_compile(fn, signature, constexprs, aligned=(), **options):
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
-    return k, {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+    found = {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
+    found["LOOP_SPILLS"] = loop_spills(sass)
+    return k, found
+
+
+def loop_spills(sass):
+    """Local-memory instructions (LDL/STL: spills) inside the kernel's loops, i.e. between a backward
+    branch's target and the branch; a spill before or after the loops costs once per program."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), at) for at, text in ins
+             if (m := re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", text)) and int(m.group(1), 16) < at]
+    return sum(1 for at, text in ins if re.search(r"\b(LDL|STL)\b", text) and any(a <= at <= b for a, b in loops))
 '''
 
 

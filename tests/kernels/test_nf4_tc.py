@@ -117,22 +117,29 @@ class _Warp:
     def step(self, lane, op, args):
         r, v = self.r[lane], lambda a: self.val(lane, a)
         dst = args[0]
-        if op in ("mov.f32", "mov.u32", "mov.b32"):
+        if op in ("mov.f32", "mov.u32", "mov.b32", "mov.b64"):
             r[dst] = v(args[1])
         elif op == "add.u32":
             r[dst] = (v(args[1]) + v(args[2])) & 0xFFFFFFFF
         elif op == "and.b32":
             r[dst] = v(args[1]) & v(args[2])
+        elif op == "or.b32":
+            r[dst] = v(args[1]) | v(args[2])
+        elif op == "shr.b32":
+            r[dst] = v(args[1]) >> v(args[2])
         elif op == "setp.eq.u32":
             r[dst] = v(args[1]) == v(args[2])
-        elif op == "selp.b32":
+        elif op in ("selp.b32", "selp.b64"):
             r[dst] = v(args[1]) if v(args[3]) else v(args[2])
         elif op == "mad.lo.u32":
             r[dst] = (v(args[1]) * v(args[2]) + v(args[3])) & 0xFFFFFFFF
-        elif op == "prmt.b32":  # only the forms the kernel uses: byte sel & 3 of a, zero-extended
-            sel = v(args[3])
-            assert sel & 0xFFF0 == 0x4440 and v(args[2]) == 0, op
-            r[dst] = (v(args[1]) >> (8 * (sel & 3))) & 0xFF
+        elif op == "prmt.b32":  # generic mode: byte i of d is byte (c >> 4i) & 7 of {b, a}, or its sign (bit 3)
+            pool, sel, d = (v(args[2]) << 32) | v(args[1]), v(args[3]), 0
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                d |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << (8 * i)
+            r[dst] = d
         elif op in ("ld.shared.b32", "ld.shared.f32"):
             r[dst] = self.smem[v(args[1].strip("[]"))]
         elif op == "mul.rn.f32":
@@ -167,13 +174,14 @@ class _Warp:
                 self.r[lane][d[i]] = _f32(D[row, col].item())
 
 
-def _ptx_span(q: K.NF4Tensor, x: torch.Tensor) -> torch.Tensor:
+def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False) -> torch.Tensor:
     """Y (M, 16) of 16 rows over one 128-column span, by the kernel's PTX for one warp (W = 1, one
-    row tile): operand registers as the kernel's layouts give them to lane 4g + t."""
+    row tile): operand registers as the kernel's layouts give them to lane 4g + t; `alu` byte pairs
+    looked up in registers; `four`: the four-column PTX (M <= 4), whose lanes of the other group
+    read zeros, and whose two groups' sums (lanes t and t + 2) are added as the atomics add them."""
     N, Kc = q.shape
-    assert N == 16 and Kc == 128
+    assert N == 16 and Kc == 128 and (M := x.shape[0]) <= (4 if four else 8)
     dtype = x.dtype
-    M = x.shape[0]
     words = q.packed.view(torch.int32).view(16, 16)  # (row, word) of the span
     x_pairs = x.view(torch.int16).to(torch.int32).view(M, 64, 2)
     x_words = (x_pairs[..., 0] & 0xFFFF) | ((x_pairs[..., 1] & 0xFFFF) << 16)  # (M, 64) pairs of x
@@ -181,8 +189,9 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor) -> torch.Tensor:
     a2 = q.absmax2[(torch.arange(16) * 2) // 256]
     smem = {4 * (b * 32 + lane): K.nf4_half_pairs("cpu", dtype)[b].item() for b in range(256) for lane in range(32)}
     smem.update({T.TABLE_BYTES + 4 * c: q.code2[c].item() for c in range(256)})
-    x_at = 1 << 20  # where x (M, 64 pairs) sits in the global memory the PTX reads
+    x_at, zeros_at = 1 << 20, 1 << 24  # where x (M, 64 pairs) and 64 zero bytes sit in the global memory
     gmem = {x_at + 4 * (64 * m + i): x_words[m, i].item() & 0xFFFFFFFF for m in range(M) for i in range(64)}
+    gmem.update({zeros_at + 4 * i: 0 for i in range(16)})
     regs = []
     for lane in range(32):
         g, t = lane // 4, lane % 4
@@ -190,31 +199,89 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor) -> torch.Tensor:
         for h, row in enumerate((g, g + 8)):
             for w in range(4):
                 r[f"${8 + 4 * h + w}"] = words[row, 4 * t + w].item() & 0xFFFFFFFF
-            r[f"${24 + 4 * h}"] = aq[row, 0].item() | (aq[row, 1].item() << 8)
+            # as the kernel passes them: an int16 of both codes, sign-extended to 32 bits
+            r[f"${24 + 4 * h}"] = aq[row, 0].item() | (aq[row, 1].item() << 8) | (0xFFFF0000 if aq[row, 1] >= 128 else 0)
             r[f"${32 + 4 * h}"] = a2[row].item()
-        r["$16"] = x_at + 4 * (64 * min(g, M - 1) + 16 * t)  # as the kernel: tokens >= M read token M - 1
+        token = g % 4 if four else g
+        r["$16"] = x_at + 4 * (64 * min(token, M - 1) + 16 * t)  # as the kernel: tokens >= M read token M - 1
+        r["$17"] = zeros_at  # (read by the four-column PTX only)
         r["$40"] = q.offset.item()
         for i in range(8):
             r[f"${48 + i}"] = 0.0
         regs.append(r)
-    _Warp(regs, smem, gmem, dtype).run(T.ASM[dtype])
+    _Warp(regs, smem, gmem, dtype).run(T.kernel_constexprs(dtype, alu, four)["ASM"])
     y = torch.zeros(M, 16)
     for lane in range(32):
         g, t = lane // 4, lane % 4
         for h, row in enumerate((g, g + 8)):
             for w in range(2):
-                if 2 * t + w < M:
-                    y[2 * t + w, row] = regs[lane][f"${4 * h + w}"]
+                tok = 2 * (t % 2) + w if four else 2 * t + w
+                if tok < M:
+                    y[tok, row] += regs[lane][f"${4 * h + w}"]
     return y
 
 
-@pytest.mark.parametrize("dtype,m", [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.float16, 8)])
-def test_kernel_ptx_on_one_warp_matches_reference(dtype, m):
+@pytest.mark.parametrize("alu", [0, 3, 16])
+@pytest.mark.parametrize("dtype,m,four", [(torch.bfloat16, 1, False), (torch.bfloat16, 3, False),
+                                          (torch.float16, 8, False), (torch.bfloat16, 1, True),
+                                          (torch.bfloat16, 3, True), (torch.float16, 4, True)])
+def test_kernel_ptx_on_one_warp_matches_reference(dtype, m, four, alu):
     q, x = _case(16, 128, m, dtype, seed=m)
     want = K.nf4_matmul_reference(x, q)
-    got = _ptx_span(q, x)
+    got = _ptx_span(q, x, alu, four)
     assert _rel(got, want) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-    assert _rel(got, T.emulate(x, q, torch.float32)) < 1e-5  # the same arithmetic, up to summation order
+    assert _rel(got, T.emulate(x, q, torch.float32, four)) < 1e-5  # the same arithmetic, up to summation order
+
+
+def test_four_column_ptx_halves_the_mmas_and_drops_the_selects():
+    eight, four = (T.kernel_constexprs(torch.bfloat16, 0, f)["ASM"] for f in (False, True))
+    assert eight.count("mma.sync") == 16 and four.count("mma.sync") == 8
+    assert eight.count("selp.b32") == 32 and four.count("selp.b32") == 0
+    assert T.takes_four(4) and not T.takes_four(5) and not T.takes_four(1, {"FOUR": False})
+
+
+def test_four_column_ptx_fails_with_the_other_groups_x_not_zeroed():
+    """The zeros matter: lanes of the other group reading real x instead break the result."""
+    q, x = _case(16, 128, 2, torch.bfloat16, seed=7)
+    want = K.nf4_matmul_reference(x, q)
+    assert _rel(_ptx_span(q, x, 0, True), want) < 1e-2
+    real = _ptx_span.__globals__["_Warp"]
+
+    class NoZeros(real):  # the zero buffer holds x's first words instead of zeros
+        def __init__(self, regs, smem, gmem, dtype):
+            for i in range(16):
+                gmem[(1 << 24) + 4 * i] = gmem[(1 << 20) + 4 * i]
+            super().__init__(regs, smem, gmem, dtype)
+
+    _ptx_span.__globals__["_Warp"] = NoZeros
+    try:
+        assert _rel(_ptx_span(q, x, 0, True), want) > 0.05
+    finally:
+        _ptx_span.__globals__["_Warp"] = real
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_register_lookup_gives_the_pair_table_for_every_byte_pair(dtype):
+    """_alu_pair's PTX (no shared memory) against the shared table, for all 65536 byte pairs in both
+    halves of a word: the same registers bit for bit."""
+    table = K.nf4_half_pairs("cpu", dtype).tolist()
+    pairs = list(range(1 << 16))
+    for shift in (0, 16):
+        regs = [{"w": p << shift | (0xA5A5 << (16 - shift))} for p in pairs]  # the other half: noise
+        warp = _Warp(regs, {}, {}, dtype)
+        for stmt in T._alu_pair(dtype, "w", shift, "lo", "hi"):
+            op, rest = stmt.rstrip(";").split(None, 1)
+            args = [a.strip() for a in rest.split(",")]
+            for lane in range(len(regs)):
+                warp.step(lane, op, args)
+        for p, r in zip(pairs, regs):
+            assert r["lo"] == table[p & 0xFF] & 0xFFFFFFFF and r["hi"] == table[p >> 8] & 0xFFFFFFFF
+
+
+def test_alu_units_refuse_counts_out_of_range():
+    assert len(set(T.alu_units(16))) == 16 and T.alu_units(0) == []
+    with pytest.raises(ValueError, match="ALU"):
+        T.alu_units(17)
 
 
 def test_ptx_interpreter_catches_a_wrong_byte_mapping():
@@ -237,14 +304,17 @@ _BUILD = r'''
 import torch
 import kernels.nf4_tc as T
 sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
-           offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", M="i32", N="i32", K="i32", ITEMS_PER_PROGRAM="i32")
+           offset_ptr="*fp32", pairs_ptr="*i32", y_ptr="*fp32", zeros_ptr="*i32", M="i32", N="i32", K="i32",
+           ITEMS_PER_PROGRAM="i32")
 pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-    for W, REP, cap, even, pdl in ((4, 2, 128, True, True), (4, 2, 128, False, False), (8, 1, None, True, False)):
-        consts = dict(T.kernel_constexprs(dtype), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl, num_warps=W)
+    for W, REP, cap, even, pdl, four, alu in ((4, 2, 128, True, True, True, None), (4, 2, 128, True, True, False, None),
+                                              (4, 2, 128, False, False, True, 2), (8, 1, None, True, False, False, None)):
+        consts = dict(T.kernel_constexprs(dtype, alu, four), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl,
+                      num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
-        print("RESULT", W, REP, int(pdl), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"], "mma" in k.asm["ptx"],
-              k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
+        print("RESULT", W, REP, int(pdl), int(four), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"],
+              "mma" in k.asm["ptx"], k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
 '''
 
 
@@ -252,12 +322,13 @@ def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
     out = run_child(_BUILD)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(rows) == 6
-    for w, rep, pdl, shared, reg, stack, local, has_mma, n_mma, gdc in rows:
+    assert len(rows) == 8
+    for w, rep, pdl, four, shared, reg, stack, local, has_mma, n_mma, gdc in rows:
         assert int(gdc) == 2 * int(pdl)  # PDL builds: one launch_dependents, one wait
         assert int(shared) == T.SHARED_BYTES  # the PTX reads the tables at offset 0: nothing else there
         assert int(stack) == 0 and int(local) == 0 and int(reg) <= 255  # no spills
-        assert has_mma == "True" and int(n_mma) == 16 * int(rep)  # 16 MMAs per row tile and span
+        # 16 MMAs per row tile and span (8 with four columns)
+        assert has_mma == "True" and int(n_mma) == (8 if four == "1" else 16) * int(rep)
 
 
 def test_plan_balances_items_in_one_wave():
