@@ -1,6 +1,7 @@
 """A/B of decode-step variants in one process: the 32-layer step replayed alone, modes interleaved.
 
-Each mode is a set of module flags (dotted name -> value), e.g. engine.sampling.FUSED_SAMPLING.
+Each mode is a set of module flags (dotted name -> value), e.g. engine.sampling.FUSED_SAMPLING, or
+entries of module-level dicts, e.g. kernels.moe_tc.DEFAULT_CONFIG.TAIL.
 One random-weight NF4 Mixtral (benchmarks/mixtral_random.py) serves every mode; for each round and
 mode the flags are set, the decode graph is captured afresh (generate(reuse_graph=True) on a
 400-token prompt, 3 samples) and the step is replayed alone (CUDA events, as benchmarks/generate.py's
@@ -29,11 +30,31 @@ DEFAULT_MODES = {"now": {}, "torch sampling": {"engine.sampling.FUSED_SAMPLING":
 
 
 def _flag(dotted: str):
+    """(holder, name) of a flag: a module attribute (kernels.nf4_tc.LOOKUP_ALU) or an entry of a
+    module-level dict (kernels.moe_tc.DEFAULT_CONFIG.TAIL)."""
     module, _, name = dotted.rpartition(".")
-    mod = importlib.import_module(module)
-    if not hasattr(mod, name):
+    try:
+        holder = importlib.import_module(module)
+    except ModuleNotFoundError:
+        parent, _, attr = module.rpartition(".")
+        holder = getattr(importlib.import_module(parent), attr, None)
+        if not isinstance(holder, dict) or name not in holder:
+            raise SystemExit(f"unknown flag {dotted!r}: {module} is neither a module nor a dict with {name!r}")
+        return holder, name
+    if not hasattr(holder, name):
         raise SystemExit(f"unknown flag {dotted!r}: {module} has no attribute {name!r}")
-    return mod, name
+    return holder, name
+
+
+def _get(holder, name):
+    return holder[name] if isinstance(holder, dict) else getattr(holder, name)
+
+
+def _set(holder, name, value) -> None:
+    if isinstance(holder, dict):
+        holder[name] = value
+    else:
+        setattr(holder, name, value)
 
 
 def main():
@@ -45,14 +66,14 @@ def main():
     p.add_argument("--out", default="decode_ab.json")
     a = p.parse_args()
     modes = json.loads(a.modes)
-    defaults = {f: getattr(*_flag(f)) for spec in modes.values() for f in spec}
+    defaults = {f: _get(*_flag(f)) for spec in modes.values() for f in spec}
     model = random_nf4_mixtral(a.layers)
     prompt = torch.randint(0, 32000, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     times: dict[str, list[float]] = {m: [] for m in modes}
     for rnd in range(a.rounds):
         for mode, spec in modes.items():
             for f, v in {**defaults, **spec}.items():
-                setattr(*_flag(f), v)
+                _set(*_flag(f), v)
             sampling.release_decode_graph(model)
             generate(model, [prompt], max_new_tokens=4, samples=3, temperature=0.7, top_p=0.95, seed=0,
                      reuse_graph=True)  # a 448-slot cache: room for the replays' slot
@@ -61,7 +82,7 @@ def main():
             times[mode].append(replayed_step_ms(model, a.replays))
             print(f"round {rnd} {mode:30s} {times[mode][-1]:.3f} ms", flush=True)
     for f, v in defaults.items():
-        setattr(*_flag(f), v)
+        _set(*_flag(f), v)
     base = min(times[next(iter(modes))])
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers,
            "modes": modes, "step_ms": times}

@@ -4,7 +4,10 @@ Ours: all 32 layers, random NF4 weights built on the GPU (benchmarks/mixtral_ran
 engine's sampler (one prefill shared by the 3 samples, static KV cache). Reports the prefill,
 the end-to-end time and the time per decode step ((end-to-end - prefill) / 31), plus the same at
 2 and 4 layers so it can be compared with the peer's extrapolation (benchmarks/peer_seed_stack.py,
-run in the same device call). Floor: the NF4 bytes of the experts the 3 tokens touch plus the
+run in the same device call). Per-step rows: the steady step (difference of the 32- and 16-token
+end-to-end medians: noisy), the step inside one generate() call (CUDA events around each graph
+replay, engine.sampling.TIMED_STEPS: median over its steps, whose routing differs) with the GPU's
+gap between steps, and one step replayed alone (the same routing every time). Floor: the NF4 bytes of the experts the 3 tokens touch plus the
 attention weights, at 3.0 TB/s (about 4.8 ms per step for 32 layers).
 
 Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer peer.json]
@@ -12,6 +15,7 @@ Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer p
 import argparse
 import json
 import os
+import statistics
 import torch
 
 from common import replayed_step_ms, wall_median_ms  # noqa: E402  (puts the repo root on sys.path)
@@ -40,12 +44,24 @@ def measure(layers):
     reused = sampling.LAST_DECODE.get("reused")
     e2e16_reused = wall_median_ms(lambda: run(16, True))
     prefill = wall_median_ms(lambda: run(1))
+    # the steps inside one generate() call: CUDA events around every replay (engine.sampling.TIMED_STEPS)
+    sampling.TIMED_STEPS = []
+    try:
+        run(32, True)
+        torch.cuda.synchronize()
+        steps = [a.elapsed_time(b) for a, b in sampling.TIMED_STEPS]
+        gaps = [sampling.TIMED_STEPS[i][1].elapsed_time(sampling.TIMED_STEPS[i + 1][0])
+                for i in range(len(steps) - 1)]
+    finally:
+        sampling.TIMED_STEPS = None
     run(4, True)  # a KV cache of 448 slots (404 rounded up to 64): room for the replays' slot
     replayed = replayed_step_ms(model)
     r = {"layers": layers, "decode_path": decode_path, "weights_GB": weights_gb, "e2e_ms": e2e,
          "prefill_ms": prefill, "decode_step_ms": (e2e - prefill) / 31, "e2e_reused_ms": e2e_reused,
          "reused": reused, "decode_step_reused_ms": (e2e_reused - prefill) / 31,
-         "steady_step_ms": (e2e_reused - e2e16_reused) / 16, "replayed_step_ms": replayed, "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+         "steady_step_ms": (e2e_reused - e2e16_reused) / 16, "replayed_step_ms": replayed,
+         "loop_step_ms": statistics.median(steps), "loop_steps_ms": [round(t, 3) for t in steps],
+         "loop_gap_ms": statistics.median(gaps), "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
     sampling.release_decode_graph(model)
     del model
     torch.cuda.empty_cache()
@@ -91,7 +107,9 @@ def main():
     big = res[f"L{a.layers}"]
     rows = [("ours, 32 layers measured", big["decode_step_ms"], big["e2e_ms"]),
             ("ours, 32 layers, graph kept across calls", big["decode_step_reused_ms"], big["e2e_reused_ms"]),
-            ("ours, 32 layers, steady step", big["steady_step_ms"], None),
+            ("ours, 32 layers, steady step (e2e 32 - e2e 16)", big["steady_step_ms"], None),
+            ("ours, 32 layers, step inside generate()", big["loop_step_ms"], None),
+            ("ours, 32 layers, gap between those steps", big["loop_gap_ms"], None),
             ("ours, 32 layers, step replayed alone", big["replayed_step_ms"], None),
             ("ours, extrapolated from 2/4 layers", res["L32_decode_step_ms_extrapolated"], None)]
     if a.peer and not os.path.exists(a.peer):

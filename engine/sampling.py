@@ -31,6 +31,9 @@ from kernels import sampling as sampling_kernels
 from kernels.sampling import noise, sample_reference, stream_keys, token_hashes
 
 FUSED_SAMPLING = True  # on CUDA, sample and record each step in one launch (kernels.sampling)
+# A list to time decode steps (benchmarks/generate.py): every graph replay appends its CUDA (start, end)
+# events, recorded around the replay on its stream; None (default): nothing recorded
+TIMED_STEPS: list | None = None
 
 
 def uniform_noise(seed: int, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
@@ -172,7 +175,14 @@ class _GraphStep:
 
     def __call__(self) -> None:
         if self.graph is not None:
+            if TIMED_STEPS is None:
+                self.graph.replay()
+                return
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             self.graph.replay()
+            end.record()
+            TIMED_STEPS.append((start, end))
         elif self.failed is not None:
             self.step()
         elif not self.warm:

@@ -39,7 +39,7 @@ MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
 # ITEMS 8 read 1% under 10 at 3 and 8 tokens (220-222 / 311-314 us), 12 above. Other shapes lost there:
 # 3 uncapped programs per SM, 8 warps x 1 or 2 row tiles. The dense GEMV has too few items for this
 # (3584 on 14336x4096: one wave is 6.8 per program) and is best at one wave.
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8, FOUR=True, ALU=None)  # FOUR, ALU: see nf4_tc
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8, FOUR=True, ALU=None, DP4A=None)  # see nf4_tc
 
 
 def plan_size(E: int) -> int:
@@ -274,8 +274,8 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, TC.zero_words(x_rows.device),
         P, N, K, E, x_rows.stride(0) // 2, row_div,
-        **TC.kernel_constexprs(x_rows.dtype, c.get("ALU"), TC.takes_four(columns, c)), MATS=mats, COLS=MAX_TOKENS,
-        PER_SEGMENT=per_segment, **meta)
+        **TC.kernel_constexprs(x_rows.dtype, c.get("ALU"), TC.takes_four(columns, c), c.get("DP4A")), MATS=mats,
+        COLS=MAX_TOKENS, PER_SEGMENT=per_segment, **meta)
     TC.check_shared(compiled, "moe_tc")
 
 

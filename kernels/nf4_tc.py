@@ -2,20 +2,24 @@
 
 Why: the CUDA-core decode loop (`kernels.nf4.nf4_rows_loop`) spends ~6 instructions per weight
 element (code extraction, a gather per element, an FMA per token, group sums, layout conversions);
-this kernel (Gluon, Triton's explicit-layout dialect, with inline PTX) spends ~3, and its cost does
-not grow with the token count:
+this kernel (Gluon, Triton's explicit-layout dialect, with inline PTX) spends ~2.5, and its cost
+does not grow with the token count:
 
 - Tensor cores do the products: mma.m16n8k16 with W as the A operand (16 weight rows) and the
   tokens as the 8 columns of B, so 1..8 tokens cost the same.
 - Each packed byte holds two consecutive elements (high nibble first), and an A-operand register
   holds exactly two consecutive k's (bf16x2): one lookup per byte in a 256-entry table of bf16 pairs
   gives the register. The table sits in shared memory replicated once per lane (entry b of lane l
-  at word 32 b + l), so a warp's 32 lookups never share a bank: byte extract, address, load.
+  at word 32 b + l), so a warp's 32 lookups never share a bank: one dp4a makes the address (byte k
+  of the word times 128, plus the lane's base), one LDS loads the pair (DP4A_LOOKUP; prmt + mad
+  otherwise). LOOKUP_ALU byte pairs per row tile are looked up in registers instead (`_alu_pair`).
 - A thread loads 16 contiguous bytes of each of its rows per step: a "span" of 2 quant groups
   (128 columns) is 64 bytes per row, lanes t < 2 of a row holding group A and t >= 2 group B. The
   MMA sums over k, so the k order is free: MMA j takes bytes 2j and 2j + 1 of every lane's 16
-  (`span_slots`), once with x zeroed on group B's lanes and once on group A's, and each group's
-  chain of 8 MMAs is scaled by its own absmax: exact group scaling, as the reference does.
+  (`span_slots`). Each group is scaled by its own absmax, exactly as the reference does. With at
+  most 4 tokens (`takes_four`), columns 0-3 of B carry the tokens on group A's lanes and columns
+  4-7 the same tokens on group B's (the other lanes read zeros), so one chain of 8 MMAs serves both
+  groups; with more, each MMA runs twice, with x zeroed on one group's lanes each time (_asm).
 
 Layout: a program has W warps of 16 rows times REP row tiles; lane 4g + t holds words 4t..4t+3 of
 rows g and g + 8W of its warp (BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1]) over (REP, 16 W, 16)
@@ -101,6 +105,8 @@ def emulate(x: torch.Tensor, q: NF4Tensor, out_dtype: torch.dtype | None = None,
 # ----------------------------------------------------------------------------------------------
 
 _LOOKUP = "prmt.b32 t, {w}, 0, {sel}; mad.lo.u32 t, t, 128, base; ld.shared.b32 {dst}, [t];"
+# the same in two instructions: dp4a adds byte k of the word times 128 (the other bytes times 0) to base
+_LOOKUP_DP4A = "dp4a.u32.u32 t, {w}, {mult}, base; ld.shared.b32 {dst}, [t];"
 _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}0, {d}1, {d}2, {d}3}}, {{a0, a1, a2, a3}}, "
         "{{{b0}, {b1}}}, {{{c}}};")
 
@@ -144,7 +150,7 @@ def alu_units(n: int) -> list[tuple[int, int]]:
     return sorted(order[:n])
 
 
-def _asm(ty: str, dtype: torch.dtype = torch.bfloat16, alu: int = 0, four: bool = False) -> str:
+def _asm(ty: str, dtype: torch.dtype = torch.bfloat16, alu: int = 0, four: bool = False, dp4a: bool = False) -> str:
     """PTX for one row tile of one span, per thread (pack=8). Operands: $0-$7 accumulators out;
     $8-$15 words (row g: w0..w3, row g + 8W: w0..w3; lanes t < 2 hold group A, t >= 2 group B);
     $16 the address of the thread's 16 x pairs u0..u15 (64 contiguous bytes: elements 32t .. 32t + 31
@@ -184,6 +190,9 @@ def _asm(ty: str, dtype: torch.dtype = torch.bfloat16, alu: int = 0, four: bool 
         for h, (w, dst_lo, dst_hi) in enumerate(((w_g, "a0", "a2"), (w_h, "a1", "a3"))):
             if (j, h) in units:
                 body += _alu_pair(dtype, w, 8 * lo, dst_lo, dst_hi)
+            elif dp4a:
+                body += [_LOOKUP_DP4A.format(w=w, mult=hex(0x80 << (8 * lo)), dst=dst_lo),
+                         _LOOKUP_DP4A.format(w=w, mult=hex(0x80 << (8 * hi)), dst=dst_hi)]
             else:
                 body += [_LOOKUP.format(w=w, sel=hex(0x4440 + lo), dst=dst_lo),
                          _LOOKUP.format(w=w, sel=hex(0x4440 + hi), dst=dst_hi)]
@@ -213,8 +222,12 @@ TABLE_BYTES = 256 * 32 * 4  # the pair table: 256 byte values x 32 lanes, int32
 SHARED_BYTES = TABLE_BYTES + 256 * 4  # + code2
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}  # x dtypes, with their PTX type
 ASM = {dtype: _asm(ty, dtype) for dtype, ty in DTYPES.items()}  # eight columns, every byte looked up in shared memory
-LOOKUP_ALU = 0  # byte pairs per row tile and span looked up in registers instead (alu_units); a config's "ALU" wins
-_ASM_VARIANTS: dict = {}  # (dtype, alu, four) -> the PTX of that variant
+# Measured (H100, benchmarks/decode_ab.py, one process, session 9): the 32-layer decode step 7.929 ms with
+# prmt + mad and no register lookups, 7.838 with dp4a, 7.800 with dp4a and 2 register-looked-up byte pairs
+# (4 pairs and more were slower: the ALUs fill up). A config's "ALU" / "DP4A" wins over these.
+LOOKUP_ALU = 2  # byte pairs per row tile and span looked up in registers instead (alu_units)
+DP4A_LOOKUP = True  # the lookup address by one dp4a instead of prmt + mad
+_ASM_VARIANTS: dict = {}  # (dtype, alu, four, dp4a) -> the PTX of that variant
 CONSTRAINTS = ",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 8 + ["r"] * 8 + ["f"] * 24)
 _FILL_TABLE = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $8; st.shared.v4.b32 [b], {$4, $5, $6, $7}; "
                "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
@@ -222,16 +235,19 @@ _FILL_CODE2 = ("{ .reg .b32 b; mov.u32 b, global_smem; add.u32 b, b, $2; st.shar
                % TABLE_BYTES)
 
 
-def kernel_constexprs(dtype: torch.dtype, alu: int | None = None, four: bool = False) -> dict:
+def kernel_constexprs(dtype: torch.dtype, alu: int | None = None, four: bool = False,
+                      dp4a: bool | None = None) -> dict:
     """The PTX strings a kernel on this core takes as constexprs (its MMA block and table fills), for
-    x's dtype, `alu` register-looked-up byte pairs per row tile (default LOOKUP_ALU) and the column
-    layout (`four`: at most 4 tokens, see _asm); the kernels also take FOUR=four, and _nf4_tc_kernel
-    PDL_PTX."""
+    x's dtype, `alu` register-looked-up byte pairs per row tile (default LOOKUP_ALU), the column
+    layout (`four`: at most 4 tokens, see _asm) and the lookup address (`dp4a`, default
+    DP4A_LOOKUP); the kernels also take FOUR=four, and _nf4_tc_kernel PDL_PTX."""
     alu = LOOKUP_ALU if alu is None else alu
-    if alu or four:
-        if (dtype, alu, four) not in _ASM_VARIANTS:
-            _ASM_VARIANTS[dtype, alu, four] = _asm(DTYPES[dtype], dtype, alu, four)
-        text = _ASM_VARIANTS[dtype, alu, four]
+    dp4a = DP4A_LOOKUP if dp4a is None else bool(dp4a)
+    if alu or four or dp4a:
+        key = (dtype, alu, four, dp4a)
+        if key not in _ASM_VARIANTS:
+            _ASM_VARIANTS[key] = _asm(DTYPES[dtype], dtype, alu, four, dp4a)
+        text = _ASM_VARIANTS[key]
     else:
         text = ASM[dtype]
     return dict(ASM=text, CONSTRAINTS=CONSTRAINTS, FILL_TABLE=_FILL_TABLE, FILL_CODE2=_FILL_CODE2, FOUR=four)
@@ -415,7 +431,7 @@ if gluon is not None:
 # buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200).
 # PDL: programmatic dependent launch of the GEMV and the cast (16.65 vs 17.63 us, H100, session 7)
 # FOUR: at most 4 tokens take the four-column PTX (half the MMAs, see _asm). ALU: register lookups (_alu_pair)
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True, FOUR=True, ALU=None)
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True, FOUR=True, ALU=None, DP4A=None)
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
 _ZEROS: dict = {}  # device -> 64 zero bytes, never written: the x that four-column lanes of the other group read
 
@@ -525,7 +541,8 @@ def launch(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch.T
     try:
         compiled = _nf4_tc_kernel[(programs,)](
             x, q.packed, q.absmax, q.absmax2, q.code2, q.offset, nf4_half_pairs(str(x.device), x.dtype), acc,
-            zero_words(x.device), M, N, K, per_program, **kernel_constexprs(x.dtype, c["ALU"], takes_four(M, c)),
+            zero_words(x.device), M, N, K, per_program,
+            **kernel_constexprs(x.dtype, c["ALU"], takes_four(M, c), c["DP4A"]),
             **PDL_PTX, launch_pdl=meta["PDL"], **meta)
         check_shared(compiled, "nf4_gemv_tc")
         if not resident:

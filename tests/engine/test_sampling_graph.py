@@ -50,6 +50,26 @@ def test_graph_replay_equals_eager(preset):
     assert sum(len(s) for row in eager for s in row) > 6
 
 
+def test_timed_steps_record_each_replay_and_change_no_token():
+    """engine.sampling.TIMED_STEPS (benchmarks/generate.py's per-step timing) gets a pair of CUDA events
+    per replayed step (steps 3-5 of 5: the first is the warm-up, the second the capture) and leaves
+    the tokens as they are; off CUDA nothing is replayed and nothing recorded."""
+    m = _model("tiny-moe", dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
+    kw = dict(max_new_tokens=6, samples=3, temperature=1.0, top_p=0.9, seed=5)
+    plain = generate(m, _prompts(), **kw)
+    sampling.TIMED_STEPS = []
+    try:
+        timed = generate(m, _prompts(), **kw)
+        steps = list(sampling.TIMED_STEPS)
+    finally:
+        sampling.TIMED_STEPS = None
+    assert timed == plain
+    assert len(steps) == (3 if DEV == "cuda" else 0)
+    if steps:
+        torch.cuda.synchronize()
+        assert all(start.elapsed_time(end) > 0 for start, end in steps)
+
+
 def test_graph_safety_follows_the_moe_path():
     cuda = torch.device("cuda")  # only inspected, never used
     nf4 = _model("tiny-moe")

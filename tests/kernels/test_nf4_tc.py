@@ -131,6 +131,9 @@ class _Warp:
             r[dst] = v(args[1]) == v(args[2])
         elif op in ("selp.b32", "selp.b64"):
             r[dst] = v(args[1]) if v(args[3]) else v(args[2])
+        elif op == "dp4a.u32.u32":  # c + the sum of the byte-wise products of a and b (unsigned)
+            a, b = v(args[1]), v(args[2])
+            r[dst] = (v(args[3]) + sum(((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF) for i in range(4))) & 0xFFFFFFFF
         elif op == "mad.lo.u32":
             r[dst] = (v(args[1]) * v(args[2]) + v(args[3])) & 0xFFFFFFFF
         elif op == "prmt.b32":  # generic mode: byte i of d is byte (c >> 4i) & 7 of {b, a}, or its sign (bit 3)
@@ -174,7 +177,7 @@ class _Warp:
                 self.r[lane][d[i]] = _f32(D[row, col].item())
 
 
-def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False) -> torch.Tensor:
+def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False, dp4a: bool = False) -> torch.Tensor:
     """Y (M, 16) of 16 rows over one 128-column span, by the kernel's PTX for one warp (W = 1, one
     row tile): operand registers as the kernel's layouts give them to lane 4g + t; `alu` byte pairs
     looked up in registers; `four`: the four-column PTX (M <= 4), whose lanes of the other group
@@ -209,7 +212,7 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False)
         for i in range(8):
             r[f"${48 + i}"] = 0.0
         regs.append(r)
-    _Warp(regs, smem, gmem, dtype).run(T.kernel_constexprs(dtype, alu, four)["ASM"])
+    _Warp(regs, smem, gmem, dtype).run(T.kernel_constexprs(dtype, alu, four, dp4a)["ASM"])
     y = torch.zeros(M, 16)
     for lane in range(32):
         g, t = lane // 4, lane % 4
@@ -221,14 +224,14 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False)
     return y
 
 
-@pytest.mark.parametrize("alu", [0, 3, 16])
+@pytest.mark.parametrize("alu,dp4a", [(0, False), (3, False), (16, False), (0, True), (3, True)])
 @pytest.mark.parametrize("dtype,m,four", [(torch.bfloat16, 1, False), (torch.bfloat16, 3, False),
                                           (torch.float16, 8, False), (torch.bfloat16, 1, True),
                                           (torch.bfloat16, 3, True), (torch.float16, 4, True)])
-def test_kernel_ptx_on_one_warp_matches_reference(dtype, m, four, alu):
+def test_kernel_ptx_on_one_warp_matches_reference(dtype, m, four, alu, dp4a):
     q, x = _case(16, 128, m, dtype, seed=m)
     want = K.nf4_matmul_reference(x, q)
-    got = _ptx_span(q, x, alu, four)
+    got = _ptx_span(q, x, alu, four, dp4a)
     assert _rel(got, want) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
     assert _rel(got, T.emulate(x, q, torch.float32, four)) < 1e-5  # the same arithmetic, up to summation order
 
