@@ -7,8 +7,9 @@ the end-to-end time and the time per decode step ((end-to-end - prefill) / 31), 
 run in the same device call). Per-step rows: the steady step (difference of the 32- and 16-token
 end-to-end medians: noisy), the step inside one generate() call (CUDA events around each graph
 replay, engine.sampling.TIMED_STEPS: median over its steps, whose routing differs) with the GPU's
-gap between steps, and one step replayed alone (the same routing every time). Floor: the NF4 bytes of the experts the 3 tokens touch plus the
-attention weights, at 3.0 TB/s (about 4.8 ms per step for 32 layers).
+gap between steps, and one step replayed alone (the same routing every time). Floor: the NF4
+bytes of the experts the 3 tokens touch plus the attention weights, at 3.0 TB/s (about 4.8 ms per
+step for 32 layers).
 
 Usage: python benchmarks/generate.py --out generate.json [--layers 32] [--peer peer.json]
 """

@@ -166,8 +166,8 @@ if TC.gluon is not None:
     @gluon.jit
     def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, zeros_ptr, P, N, K, E, X_WORDS,
                        ROW_DIV, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
-                       FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr, W: gl.constexpr, REP: gl.constexpr,
-                       PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
+                       FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr,
+                       W: gl.constexpr, REP: gl.constexpr, PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
         # PER_SEGMENT (multi_gemv: every token is a pair of every segment): out (R, P, N), by segment.

@@ -121,8 +121,9 @@ def _byte_tables(dtype: torch.dtype) -> list[int]:
 
 def _alu_pair(dtype: torch.dtype, w: str, shift: int, lo: str, hi: str) -> list[str]:
     """PTX that looks up two packed bytes (bits shift .. shift + 15 of word w) in registers instead of
-    shared memory: lo / hi get the bf16x2 (fp16x2) pairs of the first / second byte. Why: the shared
-    lookups (one LDS per byte) are the core's busiest pipe; these 13 instructions use only the ALUs.
+    shared memory: lo / hi get the bf16x2 (fp16x2) pairs of the first / second byte. Why: these 13
+    instructions use only the ALUs, which have room while the lookups (one LDS per byte) load the
+    shared-memory pipe; 2 of a row tile's 16 pairs gain ~1%, 4 and more lose (NOTES.md, session 9).
     Stage 1 (per table half, per byte half): prmt picks, for each of the 4 nibbles, byte (n & 7) of an
     8-entry half; stage 2 keeps the half that bit 3 of each nibble names (selector 0x3210, + 4 where the
     bit is set); stage 3 interleaves low and high bytes into (even element, odd element) pairs."""
@@ -166,8 +167,8 @@ def _asm(ty: str, dtype: torch.dtype = torch.bfloat16, alu: int = 0, four: bool 
       lanes (selp) for group A's chain and the other way round, and each chain is scaled by its group;
     - `four` (at most 4 tokens): columns 0-3 are tokens 0-3 of group A, columns 4-7 the same tokens of
       group B: a column's lanes of the other group load zeros ($17) instead of x. One MMA per j and one
-      chain; lane t < 2 holds group A's sums of tokens 2t, 2t + 1, lane t + 2 group
-      B's, each scaled by its own group: half the MMAs, no selp, half the scaling.
+      chain; lane t < 2 holds group A's sums of tokens 2t, 2t + 1 and lane t + 2 group B's, each
+      scaled by its own group: half the MMAs, no selp, half the scaling.
     `alu` byte pairs (`alu_units`) are looked up in registers (`_alu_pair`), the rest in the table."""
     u = [f"u{i}" for i in range(16)]
     units = set(alu_units(alu))
@@ -430,7 +431,8 @@ if gluon is not None:
 # session 5: 20.2 us at M=1 on 14336x4096 against 21.5 for 3 uncapped programs). RESIDENT: the sums
 # buffer kept at zero by the cast launch (18.3 vs 19.5 us with a zero-fill and a cast, H100/H200).
 # PDL: programmatic dependent launch of the GEMV and the cast (16.65 vs 17.63 us, H100, session 7)
-# FOUR: at most 4 tokens take the four-column PTX (half the MMAs, see _asm). ALU: register lookups (_alu_pair)
+# FOUR: at most 4 tokens take the four-column PTX (half the MMAs, see _asm). ALU / DP4A: register lookups
+# (_alu_pair) / dp4a lookup addresses, None = LOOKUP_ALU / DP4A_LOOKUP
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True, FOUR=True, ALU=None, DP4A=None)
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
 _ZEROS: dict = {}  # device -> 64 zero bytes, never written: the x that four-column lanes of the other group read

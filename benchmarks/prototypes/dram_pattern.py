@@ -3,7 +3,8 @@ rate? Pure-load kernels over a 14336 x 2048-byte buffer (the NF4 codes of a 1433
 what they read, each pattern over the same bytes; CUDA-graph timed over 6 copies (a floor for the
 decode GEMV: what one launch of this size reads at best with the same item shapes).
 
-Usage (from the repository root, on a GPU): python3 benchmarks/prototypes/dram_pattern.py  -> $OUT or /tmp/dram_pattern.json
+Usage (from the repository root, on a GPU): python3 benchmarks/prototypes/dram_pattern.py
+(writes dram_pattern.json into $OUT, or /tmp)
 Results: benchmarks/NOTES.md, "Session 9"."""
 import sys, os, json
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
@@ -33,8 +34,8 @@ def run(br, bw, programs, warps):
     per = triton.cdiv(items, programs)
     bufs = [torch.randint(0, 1 << 30, (rows, row_words), dtype=torch.int32, device="cuda") for _ in range(6)]
     out = torch.empty(programs, dtype=torch.int32, device="cuda")
-    calls = [(lambda b=b: _blocks[(triton.cdiv(items, per),)](b, out, rows, row_words, br, bw, items, per, num_warps=warps))
-             for b in bufs]
+    grid = (triton.cdiv(items, per),)
+    calls = [(lambda b=b: _blocks[grid](b, out, rows, row_words, br, bw, items, per, num_warps=warps)) for b in bufs]
     us = bench_graph_us(calls)
     return dict(rows=br, bytes_per_row=4 * bw, programs=programs, warps=warps, per=per, us=round(us, 2),
                 TBps=round(rows * row_words * 4 / us / 1e6, 3))

@@ -133,7 +133,8 @@ class _Warp:
             r[dst] = v(args[1]) if v(args[3]) else v(args[2])
         elif op == "dp4a.u32.u32":  # c + the sum of the byte-wise products of a and b (unsigned)
             a, b = v(args[1]), v(args[2])
-            r[dst] = (v(args[3]) + sum(((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF) for i in range(4))) & 0xFFFFFFFF
+            dot = sum(((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF) for i in range(4))
+            r[dst] = (v(args[3]) + dot) & 0xFFFFFFFF
         elif op == "mad.lo.u32":
             r[dst] = (v(args[1]) * v(args[2]) + v(args[3])) & 0xFFFFFFFF
         elif op == "prmt.b32":  # generic mode: byte i of d is byte (c >> 4i) & 7 of {b, a}, or its sign (bit 3)
@@ -203,7 +204,8 @@ def _ptx_span(q: K.NF4Tensor, x: torch.Tensor, alu: int = 0, four: bool = False,
             for w in range(4):
                 r[f"${8 + 4 * h + w}"] = words[row, 4 * t + w].item() & 0xFFFFFFFF
             # as the kernel passes them: an int16 of both codes, sign-extended to 32 bits
-            r[f"${24 + 4 * h}"] = aq[row, 0].item() | (aq[row, 1].item() << 8) | (0xFFFF0000 if aq[row, 1] >= 128 else 0)
+            sign = 0xFFFF0000 if aq[row, 1] >= 128 else 0
+            r[f"${24 + 4 * h}"] = aq[row, 0].item() | (aq[row, 1].item() << 8) | sign
             r[f"${32 + 4 * h}"] = a2[row].item()
         token = g % 4 if four else g
         r["$16"] = x_at + 4 * (64 * min(token, M - 1) + 16 * t)  # as the kernel: tokens >= M read token M - 1
@@ -311,9 +313,11 @@ sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", co
            ITEMS_PER_PROGRAM="i32")
 pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-    for W, REP, cap, even, pdl, four, alu in ((4, 2, 128, True, True, True, None), (4, 2, 128, True, True, False, None),
-                                              (4, 2, 128, False, False, True, 2), (8, 1, None, True, False, False, None)):
-        consts = dict(T.kernel_constexprs(dtype, alu, four), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl,
+    # (the last build: no register lookups, prmt + mad addresses)
+    for W, REP, cap, even, pdl, four, alu, dp4a in (
+            (4, 2, 128, True, True, True, None, None), (4, 2, 128, True, True, False, None, None),
+            (4, 2, 128, False, False, True, 3, True), (8, 1, None, True, False, False, 0, False)):
+        consts = dict(T.kernel_constexprs(dtype, alu, four, dp4a), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl,
                       num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
         print("RESULT", W, REP, int(pdl), int(four), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"],
