@@ -318,7 +318,7 @@ for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
             (4, 2, 128, True, True, True, None, None), (4, 2, 128, True, True, False, None, None),
             (4, 2, 128, False, False, True, 3, True), (8, 1, None, True, False, False, 0, False)):
         consts = dict(T.kernel_constexprs(dtype, alu, four, dp4a), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl,
-                      num_warps=W)
+                      EARLY=pdl, num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
         print("RESULT", W, REP, int(pdl), int(four), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"],
               "mma" in k.asm["ptx"], k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
@@ -342,7 +342,8 @@ def test_plan_balances_items_in_one_wave():
     programs, per, meta = T.plan(14336, 4096, 132)
     items = (14336 // 128) * 32
     assert programs <= 4 * 132 and programs * per >= items and (programs - 1) * per < items
-    assert meta == dict(W=4, REP=2, EVEN_N=True, PDL=T.DEFAULT_CONFIG["PDL"], num_warps=4, maxnreg=128)
+    assert meta == dict(W=4, REP=2, EVEN_N=True, PDL=T.DEFAULT_CONFIG["PDL"], EARLY=T.DEFAULT_CONFIG["EARLY"],
+                        num_warps=4, maxnreg=128)
     assert not T.plan(14336 - 3, 4096, 132)[2]["EVEN_N"]  # rows past N in the last tile
     assert "maxnreg" not in T.plan(14336, 4096, 132, dict(MAXNREG=None))[2]
     programs, per, _ = T.plan(16, 128, 132)  # fewer items than programs: one item each
