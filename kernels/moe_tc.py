@@ -181,15 +181,9 @@ if TC.gluon is not None:
         row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
         w_off = row_in_tile * (spans * 16) + q1
         aq_off = row_in_tile * spans
-        # the pair whose activations this lane loads: its MMA column (FOUR: columns c and c + 4 are pair c,
-        # for group A's lanes (t < 2) and group B's; the other group's lanes read zeros, see TC._asm)
-        col = r2 % 8
+        # the pair whose activations this lane loads (its MMA column's), and the pairs of its accumulators
+        col, tok = TC.mma_columns(r2, q1, FOUR)
         x_col = 16 * (q1 // 4)  # its 16 words of the span
-        if FOUR:
-            col = col % 4
-            tok = 2 * ((q1 // 4) % 2) + q1 % 4  # accumulators 0, 1 of each thread's four: pairs 2t, 2t + 1 (t mod 2)
-        else:
-            tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: columns 2t, 2t + 1
         acc_col = q1 % 4 < 2
         pairs_of = plan_ptr + 1 + 2 * E  # (E, COLS)
 
@@ -220,10 +214,9 @@ if TC.gluon is not None:
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
             a2 = gl.load(cur_a2p + ((aq_off + (tile * BN * spans + s)) >> 7))  # (row * spans + s) >> 7
             x_words = x_ptr.to(gl.pointer_type(gl.int32)) + cur_row.to(gl.int64) * X_WORDS + x_col + s * 64
-            if FOUR:  # the second x address of each 8-element pack: zeros (see TC._asm)
-                x_words = gl.where(q1 % 4 == 1, zeros_ptr.to(gl.pointer_type(gl.int32)), x_words)
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_words.to(gl.int64), cur_aq.to(gl.int32), a2, cur_off, acc],
+                ASM, CONSTRAINTS, [cur, TC.x_operand(x_words, q1, zeros_ptr, FOUR), cur_aq.to(gl.int32), a2, cur_off,
+                                   acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the (expert, weight, tile) is done
@@ -274,7 +267,7 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, TC.zero_words(x_rows.device),
         P, N, K, E, x_rows.stride(0) // 2, row_div,
-        **TC.kernel_constexprs(x_rows.dtype, c.get("ALU"), TC.takes_four(columns, c), c.get("DP4A")), MATS=mats,
+        **TC.kernel_constexprs(x_rows.dtype, c["ALU"], TC.takes_four(columns, c), c["DP4A"]), MATS=mats,
         COLS=MAX_TOKENS, PER_SEGMENT=per_segment, **meta)
     TC.check_shared(compiled, "moe_tc")
 

@@ -282,6 +282,28 @@ if gluon is not None:
         return tile + wrap, s - wrap * spans
 
     @gluon.jit
+    def mma_columns(r2, q1, FOUR: gl.constexpr):
+        """(the token, or pair, whose x a lane loads: its MMA column; the token of accumulators 0, 1 of
+        each thread's four) for the column layout of _asm. Eight columns: column g is token g, and the
+        accumulators hold tokens 2t, 2t + 1. FOUR: columns g and g + 4 are token g, for group A's lanes
+        (t < 2) and group B's, and the accumulators hold tokens 2 (t mod 2), 2 (t mod 2) + 1."""
+        col = r2 % 8
+        tok = 2 * (q1 // 4) + q1 % 4
+        if FOUR:
+            col = col % 4
+            tok = 2 * ((q1 // 4) % 2) + q1 % 4
+        return col, tok
+
+    @gluon.jit
+    def x_operand(x_at, q1, zeros_ptr, FOUR: gl.constexpr):
+        """The x addresses the PTX takes (int64). FOUR: zeros_ptr (64 zero bytes) goes in as the second
+        address of each 8-element pack (q1 % 4 == 1: a constant per register), which the other group's
+        lanes of a column read instead of x."""
+        if FOUR:
+            x_at = gl.where(q1 % 4 == 1, zeros_ptr.to(gl.pointer_type(gl.int32)), x_at)
+        return x_at.to(gl.int64)
+
+    @gluon.jit
     def _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N,
                        BN: gl.constexpr, EVEN_N: gl.constexpr):
         """The item (row tile, span)'s words (REP, 16W, 16) and both groups' absmax codes per row."""
@@ -356,18 +378,9 @@ if gluon is not None:
         w_off = row_in_tile * (spans * 16) + q1  # int32: a tile's words (the launcher: N * K / 64 < 2**31)
         aq_codes = absmax_ptr.to(gl.pointer_type(gl.int16))  # both groups' codes of a span, one load
         aq_off = row_in_tile * spans
-        # x of thread (g, t): MMA column g = row % 8, elements 32 t .. 32 t + 31 of the span (64 bytes,
-        # read by the PTX); tokens >= M read token M - 1, whose MMA columns are dropped at the end.
-        # Eight columns: column g is token g. FOUR: columns g and g + 4 are token g, for group A's lanes
-        # (t < 2) and group B's; the PTX points the other group's lanes at zeros (zeros_ptr, 64 bytes,
-        # passed as the second x address of each 8-element pack: q1 % 4 == 1, a constant per register)
-        col = r2 % 8
-        if FOUR:
-            token = col % 4
-            tok = 2 * ((q1 // 4) % 2) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1 (t mod 2)
-        else:
-            token = col
-            tok = 2 * (q1 // 4) + q1 % 4  # accumulators 0, 1 of each thread's four: tokens 2t, 2t + 1
+        # x of thread (g, t): the token of its MMA column (mma_columns), elements 32 t .. 32 t + 31 of the
+        # span (64 bytes, read by the PTX); tokens >= M read token M - 1, whose columns are dropped at the end
+        token, tok = mma_columns(r2, q1, FOUR)
         x_words = x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
         y_tok = (q1 % 4 < 2) & (tok < M)
 
@@ -417,11 +430,9 @@ if gluon is not None:
                 a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + s)) >> 7))
             else:
                 a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s) >> 7))
-            x_at = x_words + s * 64
-            if FOUR:
-                x_at = gl.where(q1 % 4 == 1, zeros_ptr.to(gl.pointer_type(gl.int32)), x_at)
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_at.to(gl.int64), cur_aq.to(gl.int32), a2, off, acc],
+                ASM, CONSTRAINTS, [cur, x_operand(x_words + s * 64, q1, zeros_ptr, FOUR), cur_aq.to(gl.int32), a2,
+                                   off, acc],
                 gl.float32, is_pure=True, pack=8)
             flush = (s == spans - 1) | (it == end - 1)
             if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed sums
