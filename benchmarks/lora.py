@@ -15,7 +15,8 @@ Parts (--parts, comma-separated; default correctness,timing,breakdown,kernels,sw
 sweep; fused_sweep, the fused GEMMs' tiles, only when named):
   correctness  bf16 on the GPU against `lora_reference` (same dropout mask): relative error of y, dX,
                dA, dB for the fused kernels ("triton") and the GEMM path ("cublas"), NF4 and dense bases.
-  timing       median of triton.testing.do_bench (L2 flushed), forward + backward, all in one run:
+  timing       median of triton.testing.do_bench (L2 flushed), forward + backward, all in one run
+               (the engine, the peer and the two bases in --rounds interleaved rounds, median of them):
                  peer          bitsandbytes Linear4bit (nf4, bf16 compute, double quant) + PEFT LoRA,
                                the same NF4 bytes (both quantized on the CPU, byte-equal)
                  bf16 base     the frozen bf16 weight alone: cuBLAS forward + dX (the ceiling)
@@ -39,6 +40,7 @@ bitsandbytes and peft are optional: without them the peer columns are left out.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import common  # noqa: F401  (puts the repository root on sys.path)
@@ -59,6 +61,7 @@ SHAPES = {"q/o 4096->4096": (4096,), "k/v 4096->1024": (1024,), "q+k+v 4096->614
 R, ALPHA = 16, 64
 SCALE = ALPHA / R
 TARGETS = dict(peer_over_ours=2.0, ours_over_bf16_base=1.15)
+ROUNDS = 5  # interleaved rounds of the engine, the peer and the bases (--rounds)
 PEAK_FLOPS, PEAK_BYTES = 750e12, 3.0e12
 
 # Every path LoRALinear can take on CUDA, timed side by side. ("engine path", options): a
@@ -69,7 +72,7 @@ CANDIDATES = {
     "fused": ("fused", None),  # the fused Triton kernels through LoRALinear
     "cublas": ("gemm", L.GemmOptions()),  # the GEMM path's default (kernels.lora.GemmOptions())
     "cublas_dequant_twice": ("gemm", L.GemmOptions(save_weight=False)),  # W dequantized again for dX
-    "cublas_dy_triton": ("gemm", L.GemmOptions(dy="triton")),  # g and dB from one Triton pass over dY
+    "cublas_dy_cublas": ("gemm", L.GemmOptions(dy="cublas")),  # g and dB as two cuBLAS matmuls (deterministic)
     "cublas_base_first": ("gemm", L.GemmOptions(adapter_first=False)),  # Y += xa B^T, dX += T afterwards
     "cublas_torch_mask": ("gemm", L.GemmOptions(adapter="torch_mask")),  # no Triton in the adapter
 }
@@ -85,9 +88,11 @@ FWD_SWEEP = [
 DY_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3) for bm, bn, w in
             [(32, 128, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8)]]
 DOWN_SWEEP = [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=s, num_warps=w, num_stages=st) for bm, bk, s, w, st in
-              [(32, 128, 1, 4, 3), (64, 128, 1, 8, 3), (32, 128, 4, 4, 3), (64, 64, 8, 4, 4)]]
-ADX_SWEEP = [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=st) for bm, bk, w, st in
-             [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)]]
+              [(16, 256, 1, 4, 3), (32, 128, 1, 4, 3), (32, 128, 4, 4, 3), (16, 128, 1, 4, 4), (16, 256, 1, 4, 4),
+               (16, 512, 1, 8, 3), (16, 256, 2, 4, 3)]]
+ADX_SWEEP = [dict(BLOCK_M=bm, BLOCK_K=bk, WAVES=wv, num_warps=w, num_stages=st) for bm, bk, wv, w, st in
+             [(32, 128, 4, 4, 3), (64, 64, 2, 4, 3), (32, 128, 6, 4, 3), (32, 128, 4, 4, 2), (16, 256, 6, 4, 3),
+              (32, 256, 4, 8, 3), (64, 128, 6, 8, 3)]]
 DY_NATIVE_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3) for bm, bn, w in
                    [(32, 128, 4), (64, 256, 8), (128, 128, 8)]]
 
@@ -155,6 +160,7 @@ class Case:
         self.x = torch.randn(M, K_IN, generator=g).to(DEV, torch.bfloat16).requires_grad_()
         self.gys = [torch.randn(M, n, generator=g).to(DEV, torch.bfloat16) for n in Ns]
         self.keys = L.new_dropout_keys(len(Ns), DEV)
+        self.cpu_keys = self.keys.cpu()  # the GEMM path reads its keys on the host: CPU keys cost no sync
         # The engine: LoRALinear over NF4Linear (models/lora.py), fp32 adapter masters as in training.
         from models.lora import LoRALinear
         from models.nf4 import NF4Linear
@@ -204,7 +210,7 @@ class Case:
         torch.autograd.grad(self.engine(), [self.x, *self.layer_params], self.gys)
 
     def gemm(self, options):  # the GEMM path, one call per projection (as LoRALinear makes them)
-        return [L.lora_forward(self.x, [b], [a], [bb], [SCALE], self.p, self.keys[i:i + 1], backend="cublas",
+        return [L.lora_forward(self.x, [b], [a], [bb], [SCALE], self.p, self.cpu_keys[i:i + 1], backend="cublas",
                                options=options)[0]
                 for i, (b, a, bb) in enumerate(zip(self.bases, self.As, self.Bs))]
 
@@ -268,21 +274,38 @@ def check_correctness(cases):
     print_table(RESULTS["correctness"])
 
 
-def time_cases(cases, candidates):
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """{name: (median over rounds, every round's ms)}: each round runs bench_ms on every fn in turn,
+    so a slow spell of the host (the steps are host-bound: ours, the peer's and the bases' alike)
+    falls on all of them rather than on one."""
+    runs = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            runs[k].append(bench_ms(fn))
+    return {k: (statistics.median(v), v) for k, v in runs.items()}
+
+
+def time_cases(cases, candidates, rounds=ROUNDS):
     for name, case in cases.items():
         compute_ms, bytes_ms = case.floor_ms()
+        main = {"engine": case.engine_step, "bf16_base": case.bf16_base_step, "ours_nf4_base": case.nf4_base_step}
+        if case.peer is not None:
+            main["peer"] = case.peer_step
+        timed = _interleaved(main, rounds)
         ours = bench_ms(case.ours_step)
         row = dict(shape=name, ours_ms=ours, ours_fwd_ms=bench_ms(lambda: case.ours()),
-                   bf16_base_ms=bench_ms(case.bf16_base_step), bf16_base_fwd_ms=bench_ms(case.bf16_base),
-                   ours_nf4_base_ms=bench_ms(case.nf4_base_step), floor_ms=max(compute_ms, bytes_ms),
-                   floor_compute_ms=compute_ms, floor_hbm_ms=bytes_ms, engine_path=ML.CUDA_PATH)
-        row["engine_ms"] = bench_ms(case.engine_step)
+                   bf16_base_ms=timed["bf16_base"][0], bf16_base_fwd_ms=bench_ms(case.bf16_base),
+                   ours_nf4_base_ms=timed["ours_nf4_base"][0], floor_ms=max(compute_ms, bytes_ms),
+                   floor_compute_ms=compute_ms, floor_hbm_ms=bytes_ms, engine_path=ML.CUDA_PATH,
+                   rounds={k: v[1] for k, v in timed.items()})
+        row["engine_ms"] = timed["engine"][0]
         row["engine_fwd_ms"] = bench_ms(case.engine)
         row["engine_over_bf16_base"] = row["engine_ms"] / row["bf16_base_ms"]
         if len(case.Ns) > 1:
             row["ours_3_calls_ms"] = bench_ms(case.ours_separate_step)
         if case.peer is not None:
-            row["peer_ms"] = bench_ms(case.peer_step)
+            row["peer_ms"] = timed["peer"][0]
+            row["peer_over_engine_by_round"] = [p / e for p, e in zip(timed["peer"][1], timed["engine"][1])]
             row["peer_fwd_ms"] = bench_ms(lambda: case.peer(case.x))
             row["peer_over_ours"] = row["peer_ms"] / ours
             row["peer_over_engine"] = row["peer_ms"] / row["engine_ms"]
@@ -430,24 +453,30 @@ def _pieces(case, dy_config=None, gemm_config=None):
 def _gemm_pieces(case, down_config=None, adx_config=None, dy_config=None):
     """The GEMM path's launches for the first projection, each as a closure (names say which)."""
     x2, a, b = case.x.detach(), case.As[0].detach(), case.Bs[0].detach()
-    base, dy, keys, p = case.bases[0], case.gys[0], case.keys[:1], case.p
+    base, dy, keys, p = case.bases[0], case.gys[0], L.key_pair(case.cpu_keys[0]), case.p
     w = base.dense(torch.bfloat16)
     b16 = b.to(torch.bfloat16)
     sc = SCALE / (1 - p)
-    xa = L._launch_adapter_down(x2, a, keys, p, sc)
+    xa = L._launch_adapter_down(x2, a, keys, p, sc)[0]
     g = dy @ b16
     y, t = torch.mm(xa, b16.t()), torch.empty_like(x2)
+    ws = R * (M + K_IN + b.shape[0])  # the backward's fp32 accumulators: dA, g, dB
     return {
         "gemm: dequant W -> bf16": lambda: base.dense(torch.bfloat16),
         "gemm: cast A, B to bf16": lambda: (a.to(torch.bfloat16), b.to(torch.bfloat16)),
         "gemm: down (Triton, dropout + x A^T)": lambda: L._launch_adapter_down(x2, a, keys, p, sc, down_config),
+        "gemm: down + B cast + accumulators zeroed (Triton)": lambda: L._launch_adapter_down(
+            x2, a, keys, p, sc, down_config, b=b, workspace=ws),
+        "gemm: down + B cast + accumulators zeroed + dequant W (Triton)": lambda: L._launch_adapter_down(
+            x2, a, keys, p, sc, down_config, b=b, workspace=ws, nf4=base.weight if base.is_nf4 else None),
         "gemm: Y = xa B^T (cuBLAS, K=r)": lambda: torch.mm(xa, b16.t()),
         "gemm: Y += x W^T (cuBLAS beta=1)": lambda: y.addmm_(x2, w.t()),
         "gemm: Y = x W^T (cuBLAS, no C)": lambda: F.linear(x2, w),
         "gemm: Y += xa B^T (cuBLAS beta=1, K=r)": lambda: y.addmm_(xa, b16.t()),
         "gemm: g = dY B (cuBLAS)": lambda: dy @ b16,
         "gemm: dB = dY^T xa (cuBLAS, fp32 out)": lambda: L._mm_f32(dy.t(), xa),
-        "gemm: g, dB in one dY pass (Triton)": lambda: L._launch_dy([dy], b, xa, [1.0], R, dy_config, native=True),
+        "gemm: g, dB in one dY pass (Triton)": lambda: L._launch_dy([dy], b, xa, [1.0], R, dy_config or (
+            L.DY_NATIVE_WIDE if dy.shape[1] >= 2048 else None), native=True),
         "gemm: T + dA (Triton, one x pass)": lambda: L._launch_adapter_dx(x2, g, a, keys, p, sc, t, False, True,
                                                                           adx_config),
         "gemm: dA alone (Triton)": lambda: L._launch_adapter_dx(x2, g, a, keys, p, sc, None, False, True, adx_config),
@@ -508,6 +537,7 @@ def main(argv=None):
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep part")
     p.add_argument("--parts", default="correctness,timing,breakdown,kernels,sweep")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help=f"any of {','.join(CANDIDATES)}")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds of the engine, peer and bases")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/lora.py needs a CUDA GPU (the kernels' CPU tests are in tests/kernels).")
@@ -524,7 +554,7 @@ def main(argv=None):
     t0 = time.time()
     cases = {name: Case(Ns, a.dropout, bnb, peft) for name, Ns in SHAPES.items()}
     print(f"[setup] {time.time() - t0:.1f}s", flush=True)
-    jobs = dict(correctness=lambda: check_correctness(cases), timing=lambda: time_cases(cases, candidates),
+    jobs = dict(correctness=lambda: check_correctness(cases), timing=lambda: time_cases(cases, candidates, a.rounds),
                 breakdown=lambda: breakdown(cases, candidates), kernels=lambda: time_kernels(cases), sweep=lambda: sweep(cases),
                 fused_sweep=lambda: fused_sweep(cases))
     for part in parts:

@@ -29,7 +29,9 @@ hash of (m, k, key_s) clears a threshold. The hash (`lowbias32`, two rounds per 
 element) costs ~10 integer ops per element against ~100 for Philox, which matters because the dX
 GEMM regenerates the mask in its epilogue. `dropout_keep_reference` reproduces it bit for bit in
 PyTorch, so the reference path and the tests see the same mask. The keys are drawn per call from
-torch's generator on x's device (torch.manual_seed and activation checkpointing replay them).
+torch's CPU generator (torch.manual_seed and activation checkpointing replay them): the GEMM
+path's kernels take them as arguments, so drawing them costs no launch and no sync; the fused
+kernels read a copy on x's device.
 
 Entry points: `lora_linear(x, layer)` (what models/lora.py's LoRALinear calls on CUDA),
 `lora_qkv(x, q, k, v)` (three LoRALinear layers over one x), and the functional
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4 import GEMV_ROWS, NF4Tensor, _num_sms, dx_config, gemm_config, nf4_dequant_tile, nf4_matmul
+from kernels.nf4 import (GEMV_ROWS, NF4Tensor, _num_sms, dequant_launch, dx_config, gemm_config, nf4_dequant_blocks,
+                         nf4_dequant_tile, nf4_matmul)
 
 MAX_SEGMENTS = 3
 SMALL_M = GEMV_ROWS  # backend None: at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter
@@ -70,11 +73,15 @@ def _lowbias32(h):
 
 
 @triton.jit
+def _row_keys_of(k1, k2, offs_m):
+    """(BLOCK_M,) uint32 per-row keys of the key pair (k1, k2): two hash rounds over (row, k1, k2)."""
+    return _lowbias32(_lowbias32(offs_m.to(tl.uint32) ^ k1.to(tl.uint32)) ^ k2.to(tl.uint32))
+
+
+@triton.jit
 def _row_keys(keys_ptr, seg, offs_m):
-    """(BLOCK_M,) uint32 per-row keys of projection `seg`: two hash rounds over (row, key1, key2)."""
-    k1 = tl.load(keys_ptr + 2 * seg).to(tl.uint32)
-    k2 = tl.load(keys_ptr + 2 * seg + 1).to(tl.uint32)
-    return _lowbias32(_lowbias32(offs_m.to(tl.uint32) ^ k1) ^ k2)
+    """`_row_keys_of` with projection `seg`'s key pair read from the (S, 2) keys tensor."""
+    return _row_keys_of(tl.load(keys_ptr + 2 * seg), tl.load(keys_ptr + 2 * seg + 1), offs_m)
 
 
 @triton.jit
@@ -97,18 +104,31 @@ def keep_threshold(p: float) -> int:
     return int(round(p * (1 << _KEEP_BITS)))
 
 
-def dropout_keep_reference(keys: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """(M, K) bool keep-mask for the key pair `keys` (2,) int32: equals the kernels' mask."""
-    k1, k2 = (int(v) & _MASK32 for v in keys.tolist())
-    rows = torch.arange(M, dtype=torch.int64, device=keys.device)
+def key_pair(keys) -> tuple[int, int]:
+    """One projection's dropout keys as two Python ints, from a (2,) or (1, 2) tensor (a host read:
+    a sync for CUDA keys) or a pair of ints."""
+    if isinstance(keys, torch.Tensor):
+        keys = keys.reshape(-1).tolist()
+    k1, k2 = keys
+    return int(k1), int(k2)
+
+
+def dropout_keep_reference(keys, M: int, K: int, p: float, device=None) -> torch.Tensor:
+    """(M, K) bool keep-mask for one key pair (`key_pair`'s forms) on `device` (default: the keys'
+    device, or the CPU for ints): equals the kernels' mask."""
+    if device is None:
+        device = keys.device if isinstance(keys, torch.Tensor) else "cpu"
+    k1, k2 = (v & _MASK32 for v in key_pair(keys))
+    rows = torch.arange(M, dtype=torch.int64, device=device)
     row_keys = _lowbias32_reference(_lowbias32_reference(rows ^ k1) ^ k2)  # (M,)
-    cols = torch.arange(K, dtype=torch.int64, device=keys.device)
+    cols = torch.arange(K, dtype=torch.int64, device=device)
     h = _lowbias32_reference((row_keys[:, None] + cols[None, :]) & _MASK32)  # (M, K)
     return (h >> 8) >= keep_threshold(p)
 
 
 def new_dropout_keys(n: int, device) -> torch.Tensor:
-    """(n, 2) int32 keys from torch's generator on `device` (no host sync on CUDA)."""
+    """(n, 2) int32 keys from torch's generator on `device` (no host sync on CUDA). `lora_forward`
+    draws them on the CPU: the GEMM path's kernels take them as arguments (no launch, no sync)."""
     return torch.randint(0, 2**31 - 1, (n, 2), dtype=torch.int32, device=device)
 
 
@@ -397,14 +417,29 @@ def _lora_da_kernel(
 
 
 @triton.jit
-def _adapter_down_kernel(
-    x_ptr, a_ptr, keys_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, keep_thr,
+def _cast_and_zero(src_ptr, dst_ptr, n_cast, zero_ptr, n_zero, CHUNK: tl.constexpr):
+    """Side jobs of a launch, spread over all its programs: dst[:n_cast] = src cast to dst's dtype,
+    and zero_ptr[:n_zero] = 0 (fp32). Each saves a launch of its own (host time, not GPU time)."""
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    first = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CHUNK
+    offs = tl.arange(0, CHUNK)
+    for start in range(first, n_cast, programs * CHUNK):
+        mask = start + offs < n_cast
+        v = tl.load(src_ptr + start + offs, mask=mask, other=0.0)
+        tl.store(dst_ptr + start + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
+    for start in range(first, n_zero, programs * CHUNK):
+        tl.store(zero_ptr + start + offs, tl.zeros((CHUNK,), tl.float32), mask=start + offs < n_zero)
+
+
+@triton.jit
+def _adapter_down_rows(
+    x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Program (row tile, K split): xa[rows] (+)= scale * (keep * x[rows, split]) A[:, split]^T.
-    # x keeps its dtype (16-bit MMAs, fp32 accumulation); A (fp32 master) is cast to it in
-    # registers. The mask only selects elements; 1/(1-p) is folded into `scale`.
+    """Program (row tile, K split): xa[rows] (+)= scale * (keep * x[rows, split]) A[:, split]^T.
+    x keeps its dtype (16-bit MMAs, fp32 accumulation); A (fp32 master) is cast to it in
+    registers. The mask only selects elements; 1/(1-p) is folded into `scale`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
@@ -412,7 +447,7 @@ def _adapter_down_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     a_rows = a_ptr + offs_r.to(tl.int64)[:, None] * K
     if DROPOUT:
-        row_keys = _row_keys(keys_ptr, 0, offs_m)
+        row_keys = _row_keys_of(key1, key2, offs_m)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_lo = tl.program_id(1) * k_per_split
     for k_start in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
@@ -430,9 +465,38 @@ def _adapter_down_kernel(
         tl.store(out, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key1", "key2"])
+def _adapter_down_kernel(
+    x_ptr, a_ptr, xa_ptr, b_ptr, b_out_ptr, acc_ptr, M, K, R, stride_xm, k_per_split, scale,
+    key1, key2, keep_thr, n_b, n_acc,
+    q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, w_out_ptr, n_w, n_w_bytes, n_w_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr, DEQ_BLOCKS: tl.constexpr, DEQ_EVEN: tl.constexpr,
+):
+    # The forward's Triton work in one launch (each launch costs the host tens of us, the GPU
+    # almost nothing here): programs below cdiv(M, BLOCK_M) run `_adapter_down_rows` (the dropout
+    # keys are arguments, not a tensor); with DEQUANT, the programs after them dequantize the NF4
+    # base into w_out (`nf4_dequant_blocks`, the dequant kernel's body; both passes only stream
+    # memory, so they share the GPU well). All programs share the side jobs: B (n_b elements) cast
+    # to x's dtype into b_out, and the backward's fp32 accumulators (n_acc elements) zeroed.
+    _cast_and_zero(b_ptr, b_out_ptr, n_b, acc_ptr, n_acc, 1024)
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    if DEQUANT:
+        if tl.program_id(0) >= row_tiles:
+            nf4_dequant_blocks(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, w_out_ptr,
+                               tl.program_id(0) - row_tiles, n_w, n_w_bytes, n_w_blocks, DEQ_BLOCKS, DEQ_EVEN)
+        else:
+            _adapter_down_rows(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
+                               BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION)
+    else:
+        _adapter_down_rows(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
+                           BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION)
+
+
+@triton.jit(do_not_specialize=["key1", "key2"])
 def _adapter_dx_kernel(
-    x_ptr, g_ptr, a_ptr, keys_ptr, t_ptr, da_ptr, M, K, R, stride_xm, rows_per_prog, g_scale, keep_thr,
+    x_ptr, g_ptr, a_ptr, t_ptr, da_ptr, M, K, R, stride_xm, rows_per_prog, g_scale, key1, key2, keep_thr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
     NEED_DX: tl.constexpr, ACCUM: tl.constexpr, NEED_DA: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -457,7 +521,7 @@ def _adapter_dx_kernel(
         g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, BR)
         if DROPOUT:
-            keep = _keep(_row_keys(keys_ptr, 0, offs_m), offs_k, keep_thr)  # (BM, BK)
+            keep = _keep(_row_keys_of(key1, key2, offs_m), offs_k, keep_thr)  # (BM, BK)
         if NEED_DX:
             t = tl.dot(g, a, input_precision=PRECISION) * g_scale  # (BM, BK) fp32
             if DROPOUT:
@@ -528,8 +592,9 @@ class Base:
 
 def base_of(module) -> Base:
     """The frozen base of an `nn.Linear` or an `NF4Linear` (duck-typed: kernels/ imports no models/)."""
-    if hasattr(module, "nf4"):
-        return Base(module.nf4, module.bias, getattr(module, "compute_dtype", None))
+    nf4 = getattr(module, "nf4", None)  # a property that builds the NF4Tensor: evaluated once
+    if nf4 is not None:
+        return Base(nf4, module.bias, getattr(module, "compute_dtype", None))
     return Base(module.weight, module.bias)
 
 
@@ -541,9 +606,9 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _rows_per_prog(M: int, programs: int, block_m: int, device) -> int:
-    """Rows each program of a reduction-over-M kernel takes, for about two waves of programs."""
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(device), max(programs, 1))))
+def _rows_per_prog(M: int, programs: int, block_m: int, device, waves: int = 2) -> int:
+    """Rows each program of a reduction-over-M kernel takes, for about `waves` waves of programs."""
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(waves * _num_sms(device), max(programs, 1))))
     return triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
 
 
@@ -554,6 +619,7 @@ def _pad3(items: list) -> list:
 DOWN_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3)
 DY_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
 DA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+DY_NATIVE_WIDE = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8)  # the GEMM path's dY pass, N >= 2048 (H100 sweep)
 
 
 def _launch_down(x2, a_cat, keys, scales, p, r, config=None):
@@ -604,13 +670,17 @@ def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
     return ys
 
 
-def _launch_dy(dys, b_cat, xa, scales, r, config=None, native=False):
+def _launch_dy(dys, b_cat, xa, scales, r, config=None, native=False, g=None, db=None):
+    """g (M, S*r) = scale_s * dY_s B_s and dB_cat (sum N, r) = dY_s^T xa_s, fp32, added by atomics
+    into g and db when given (zeroed buffers), else into new zeroed ones."""
     M = xa.shape[0]
     S = len(dys)
     Ns = [dy.shape[1] for dy in dys]
     c = dict(DY_CONFIG, **(config or {}))
-    g = torch.zeros((M, S * r), dtype=torch.float32, device=xa.device)
-    db = torch.zeros((sum(Ns), r), dtype=torch.float32, device=xa.device)
+    if g is None:
+        g = torch.zeros((M, S * r), dtype=torch.float32, device=xa.device)
+    if db is None:
+        db = torch.zeros((sum(Ns), r), dtype=torch.float32, device=xa.device)
     num_n = sum(triton.cdiv(n, c["BLOCK_N"]) for n in Ns)
     rows = _rows_per_prog(M, num_n, c["BLOCK_M"], xa.device)
     N3 = Ns + [0] * (MAX_SEGMENTS - S)
@@ -660,63 +730,96 @@ def _launch_da(x2, g, keys, p, r, S, config=None):
     return da
 
 
-ADAPTER_DOWN_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3)
-ADAPTER_DX_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# Tiles from benchmarks/lora.py's sweep on the H100 (session 10, q/o at 5120 tokens): down 37.9 us
+# (BLOCK_M 32 x BLOCK_K 128: 42.6), T + dA 55.3 us (BLOCK_M 64 x BLOCK_K 64, 2 waves: 66.9).
+ADAPTER_DOWN_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3)
+ADAPTER_DX_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, WAVES=4, num_warps=4, num_stages=3)
 
 
 def _inv_keep(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
-def _launch_adapter_down(x2, a, keys, p, scale, config=None):
-    """xa (M, r) in x2's dtype = scale * (keep * x2) A^T (the caller folds 1/(1-p) into scale)."""
+def _scratch(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized buffer that a kernel fills completely (tests fill these with NaN to check)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0, nf4=None):
+    """xa (M, r) in x2's dtype = scale * (keep * x2) A^T (the caller folds 1/(1-p) into scale).
+
+    keys: one projection's key pair (`key_pair`'s forms; unused when p == 0). Other work of the
+    same launch (`_adapter_down_kernel`), each saving a launch of its own: with `b` (N, r) given,
+    B in x2's dtype (b itself when it already has it); a zeroed fp32 workspace of `workspace`
+    elements (the backward's atomic accumulators: dA, and g and dB for the one-pass dY kernel);
+    with `nf4` (an NF4Tensor), W dequantized to x2's dtype.
+    Returns (xa, B in x2's dtype or None, the workspace or None, W or None)."""
     M, K = x2.shape
     r = a.shape[0]
     c = dict(ADAPTER_DOWN_CONFIG, **(config or {}))
     split = max(1, min(c["SPLIT_K"], triton.cdiv(K, c["BLOCK_K"])))
     k_per_split = triton.cdiv(triton.cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
     atomic = split > 1
-    xa = (torch.zeros if atomic else torch.empty)((M, r), dtype=torch.float32 if atomic else x2.dtype,
-                                                  device=x2.device)
-    _adapter_down_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, k_per_split))](
-        x2, a, keys, xa, M, K, r, x2.stride(0), k_per_split, float(scale), keep_threshold(p),
+    dev = x2.device
+    xa = (torch.zeros if atomic else _scratch)((M, r), dtype=torch.float32 if atomic else x2.dtype, device=dev)
+    b_out = b if b is None or b.dtype == x2.dtype else _scratch(b.shape, x2.dtype, dev)
+    n_b = 0 if b_out is b else b.numel()
+    acc = _scratch((workspace,), torch.float32, dev) if workspace else None
+    k1, k2 = key_pair(keys) if p > 0 else (0, 0)
+    grid0 = triton.cdiv(M, c["BLOCK_M"])
+    w = None
+    q_args, deq = (xa,) * 7 + (0, 0, 0), dict(DEQUANT=False, DEQ_BLOCKS=1, DEQ_EVEN=True)
+    if nf4 is not None and nf4.numel() and split == 1:  # the dequant's programs follow the row tiles
+        w = _scratch(nf4.shape, x2.dtype, dev)
+        programs, n_blocks, meta = dequant_launch(nf4.numel())
+        q_args = (*nf4.tensors(), w, nf4.numel(), nf4.packed.numel(), n_blocks)
+        deq = dict(DEQUANT=True, DEQ_BLOCKS=meta["BLOCKS"], DEQ_EVEN=meta["EVEN"], enable_fp_fusion=False)
+        grid0 += programs
+    elif nf4 is not None:
+        w = nf4.dequantize(x2.dtype)
+    _adapter_down_kernel[(grid0, split)](
+        x2, a, xa, xa if n_b == 0 else b, xa if n_b == 0 else b_out, xa if acc is None else acc, M, K, r, x2.stride(0),
+        k_per_split, float(scale), k1, k2, keep_threshold(p), n_b, workspace, *q_args,
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, ATOMIC=atomic,
-        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
+        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"], **deq,
     )
-    return xa.to(x2.dtype)
+    return xa.to(x2.dtype), b_out, acc, w
 
 
-def _launch_adapter_dx(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=True, config=None):
+def _launch_adapter_dx(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=True, config=None, da=None):
     """T (+)= g_scale * keep * (g A) into t (M, K) when t is given; returns dA (r, K) fp32 =
-    g_scale * g^T (keep * x2) when need_da (else None). One pass over x2 and t."""
+    g_scale * g^T (keep * x2) when need_da (else None), added into `da` when given (a zeroed
+    accumulator from `_launch_adapter_down`), else into a new zeroed one. One pass over x2 and t."""
     M, K = x2.shape
     r = a.shape[0]
     c = dict(ADAPTER_DX_CONFIG, **(config or {}))
-    da = torch.zeros((r, K), dtype=torch.float32, device=x2.device) if need_da else None
+    if need_da and da is None:
+        da = torch.zeros((r, K), dtype=torch.float32, device=x2.device)
     k_tiles = triton.cdiv(K, c["BLOCK_K"])
-    rows = _rows_per_prog(M, k_tiles, c["BLOCK_M"], x2.device)
+    rows = _rows_per_prog(M, k_tiles, c["BLOCK_M"], x2.device, c["WAVES"])
+    k1, k2 = key_pair(keys) if p > 0 else (0, 0)
     _adapter_dx_kernel[(k_tiles, triton.cdiv(M, rows))](
-        x2, g.contiguous(), a, keys, x2 if t is None else t, x2 if da is None else da, M, K, r, x2.stride(0), rows,
-        float(g_scale), keep_threshold(p),
+        x2, g.contiguous(), a, x2 if t is None else t, x2 if not need_da else da, M, K, r, x2.stride(0), rows,
+        float(g_scale), k1, k2, keep_threshold(p),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, NEED_DX=t is not None,
         ACCUM=accum, NEED_DA=need_da, PRECISION=_precision(x2.dtype),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    return da
+    return da if need_da else None
 
 
 def _adapter_down_torch(x2, a, keys, p, scale):
     """`_launch_adapter_down` in PyTorch (fp32 math on the same 16-bit operands, the hash mask)."""
     xk = x2
     if p > 0:
-        xk = torch.where(dropout_keep_reference(keys[0], *x2.shape, p), x2, torch.zeros((), dtype=x2.dtype))
+        xk = torch.where(dropout_keep_reference(keys, *x2.shape, p, x2.device), x2, torch.zeros((), dtype=x2.dtype))
     return ((xk.float() @ a.to(x2.dtype).float().t()) * scale).to(x2.dtype)
 
 
 def _adapter_dx_torch(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=True):
     """`_launch_adapter_dx` in PyTorch."""
     dtype = x2.dtype
-    keep = dropout_keep_reference(keys[0], *x2.shape, p) if p > 0 else None
+    keep = dropout_keep_reference(keys, *x2.shape, p, x2.device) if p > 0 else None
     gf = g.to(dtype).float()
     if t is not None:
         term = (gf @ a.to(dtype).float()) * g_scale
@@ -759,8 +862,11 @@ class GemmOptions:
                    only (no Triton launch: the host cost of each Triton launch is the point), the
                    dropout mask drawn by torch (bernoulli_) and kept as bool, M x K bytes per
                    layer, until the backward; about twice the adapter's HBM traffic of "triton".
-    dy             "cublas": g = dY B and dB = dY^T xa as two cuBLAS matmuls (dY read twice);
-                   "triton": both from one pass over dY (`_lora_dy_kernel`, 16-bit MMAs, atomics).
+    dy             "triton": g = dY B and dB = dY^T xa from one pass over dY (`_lora_dy_kernel`,
+                   16-bit MMAs, fp32 atomics into accumulators the forward's launch zeroed): one
+                   launch instead of two, and on the H100 33 us instead of 52 for q/o (session
+                   10). "cublas": two matmuls (cuBLAS; dY read twice; deterministic g and dB).
+                   None (default): "triton" on CUDA, "cublas" elsewhere.
     adapter_first  forward: Y = xa B^T (+ bias) first, then the base GEMM accumulates into it
                    (cuBLAS beta = 1); backward: the adapter kernel writes its dX share T first and
                    the dX GEMM accumulates into T. False: base GEMM first, then Y += xa B^T (one
@@ -775,7 +881,7 @@ class GemmOptions:
     """
 
     adapter: str | None = None
-    dy: str = "cublas"
+    dy: str | None = None
     adapter_first: bool = True
     save_weight: bool | None = None
 
@@ -788,11 +894,17 @@ class _GemmSpec:
     base: "Base"
     scale: float
     p: float
-    keys: torch.Tensor  # (1, 2) int32
+    keys: tuple[int, int]  # the dropout key pair (0, 0 when p == 0)
     options: GemmOptions
 
 
 ADAPTERS = (None, "triton", "torch", "torch_mask")
+
+
+def _dy_impl(opt: GemmOptions, t: torch.Tensor) -> str:
+    if opt.dy not in (None, "triton", "cublas"):
+        raise ValueError(f"GemmOptions.dy must be None, 'triton' or 'cublas', got {opt.dy!r}")
+    return opt.dy or ("triton" if t.is_cuda else "cublas")
 
 
 def _adapter_impl(opt: GemmOptions, t: torch.Tensor) -> str:
@@ -809,68 +921,100 @@ class _GemmLoRAFunction(torch.autograd.Function):
     dtype once (xa, (M, r)), and dA / dB come back in fp32 (fp32 accumulators, never rounded to
     16 bits). In fp32 everything is fp32.
 
-    Forward: W dequantized to a dense copy (NF4) -> xa = scale/(1-p) (keep*x) A^T (one Triton pass
-    over x, the mask hashed, never stored) -> Y = xa B^T (+ bias) -> Y += x W^T (cuBLAS with
-    beta = 1: the adapter's share rides in the base GEMM's epilogue). Saved: x, xa (M, r), B in
-    x's dtype, the dropout keys, and W (see save_weight; else it is dequantized again).
-    Backward: g = dY B (M, r), dB = dY^T xa (fp32) -> one Triton pass over x writes
-    T = scale/(1-p) keep * (g A) and accumulates dA = scale/(1-p) g^T (keep*x) -> dX = T + dY W
-    (cuBLAS, beta = 1). GemmOptions names the variants.
+    Forward, one Triton launch and two cuBLAS calls: xa = scale/(1-p) (keep*x) A^T (one pass over
+    x, the mask hashed, never stored), in the same launch W dequantized to a dense copy (NF4), B
+    cast to x's dtype and the backward's fp32 accumulators zeroed -> Y = xa B^T (+ bias) ->
+    Y += x W^T (cuBLAS with beta = 1: the adapter's share rides in the base GEMM's epilogue).
+    Saved: x, xa (M, r), B in x's dtype, the accumulators, the dropout keys (two ints), and W
+    (see save_weight; else it is dequantized again).
+    Backward, two Triton launches and one cuBLAS call: g = dY B (M, r) and dB = dY^T xa (fp32) in
+    one pass over dY -> one pass over x writes T = scale/(1-p) keep * (g A) and accumulates
+    dA = scale/(1-p) g^T (keep*x) -> dX = T + dY W (cuBLAS, beta = 1). On this path the host, not
+    the GPU, sets the pace of a lone layer (tens of us per launch), hence the folded launches.
+    GemmOptions names the variants.
     """
 
     @staticmethod
-    def forward(ctx, x2, a, b, spec: _GemmSpec):
+    def forward(ctx, x, a, b, spec: _GemmSpec):
+        # x (..., K) is flattened here rather than by the caller: views made inside the Function
+        # add no autograd nodes (each costs the backward's host time).
+        ctx.x_shape = x.shape
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
         opt = spec.options
         dtype = x2.dtype
         impl = _adapter_impl(opt, x2)
-        w = spec.base.dense(dtype)  # (N, K)
         down_scale = spec.scale * _inv_keep(spec.p)
-        keep = None
-        if impl == "triton":
-            xa = _launch_adapter_down(x2, a.contiguous(), spec.keys, spec.p, down_scale)  # (M, r)
-        elif impl == "torch":
-            xa = _adapter_down_torch(x2, a, spec.keys, spec.p, down_scale)
-        else:  # torch_mask: torch's own dropout, its mask kept (M x K bytes) for the backward
-            xk = x2
-            if spec.p > 0:
-                keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - spec.p)
-                xk = x2 * keep
-            xa = torch.mm(xk, (a * down_scale).to(dtype).t())
-        b_c = b.to(dtype)  # (N, r)
+        keep = da = None
+        if impl == "triton":  # one launch: xa, B cast to x's dtype, the backward's dA zeroed, W dequantized
+            nf4 = spec.base.weight if spec.base.is_nf4 else None
+            r, (M, K), N = a.shape[0], x2.shape, b.shape[0]
+            sizes = (r * K, M * r, N * r) if _dy_impl(opt, x2) == "triton" else (r * K, 0, 0)  # dA, g, dB
+            xa, b_c, acc, w = _launch_adapter_down(x2, a.contiguous(), spec.keys, spec.p, down_scale, b=b.contiguous(),
+                                                   workspace=sum(sizes), nf4=nf4)  # (M, r), (N, r)
+            da = acc  # the backward's zeroed accumulators, one buffer (split there)
+            ctx.acc_sizes = sizes
+            if w is None:
+                w = spec.base.dense(dtype)  # (N, K)
+        else:
+            w = spec.base.dense(dtype)  # (N, K)
+            if impl == "torch":
+                xa = _adapter_down_torch(x2, a, spec.keys, spec.p, down_scale)
+            else:  # torch_mask: torch's own dropout, its mask kept (M x K bytes) for the backward
+                xk = x2
+                if spec.p > 0:
+                    keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - spec.p)
+                    xk = x2 * keep
+                xa = torch.mm(xk, (a * down_scale).to(dtype).t())
+            b_c = b.to(dtype)  # (N, r)
         b_t = b_c.t()
         bias = None if spec.base.bias is None else spec.base.bias.to(dtype)
-        if opt.adapter_first:
-            y = torch.mm(xa, b_t) if bias is None else torch.addmm(bias, xa, b_t)
-            y.addmm_(x2, w.t())
+        # y in x's leading shape, filled through a 2-D view: the output is not itself a view (an
+        # autograd.Function's view outputs refuse in-place ops downstream).
+        y = x2.new_empty((*ctx.x_shape[:-1], b.shape[0]))
+        y2 = y.view(-1, b.shape[0])  # (M, N)
+        first, second = ((xa, b_t), (x2, w.t())) if opt.adapter_first else ((x2, w.t()), (xa, b_t))
+        if bias is None:
+            torch.mm(*first, out=y2)
         else:
-            y = F.linear(x2, w, bias)
-            y.addmm_(xa, b_t)
+            torch.addmm(bias, *first, out=y2)
+        y2.addmm_(*second)
         ctx.spec = spec
+        ctx.acc_fresh = da is not None  # the zeroed accumulators serve one backward (retain_graph: later ones re-zero)
         save_w = opt.save_weight
         if save_w is None:  # free for a dense base already in x's dtype (w is the weight itself)
             save_w = w.numel() <= x2.numel() or w is spec.base.weight
-        ctx.save_for_backward(x2, xa, a, b, b_c, w if save_w else None, keep)
+        ctx.save_for_backward(x2, xa, a, b, b_c, w if save_w else None, keep, da)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, a, b, b_c, w, keep = ctx.saved_tensors
+        x2, xa, a, b, b_c, w, keep, da = ctx.saved_tensors
         spec = ctx.spec
         opt = spec.options
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        dy = dy.contiguous()
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()  # (M, N)
         dtype = x2.dtype
         impl = _adapter_impl(opt, x2)
         g = db = None
-        if opt.dy == "triton":  # g (fp32) and dB from one pass over dY
-            g, db = _launch_dy([dy], b.contiguous(), xa, [1.0], a.shape[0], native=True)
-        elif opt.dy == "cublas":
+        acc = {}
+        if da is not None:  # the forward's zeroed workspace: dA (r, K), g (M, r), dB (N, r) fp32
+            if not ctx.acc_fresh:  # a second backward through this graph (retain_graph=True)
+                da.zero_()
+            ctx.acc_fresh = False
+            r, (M, K), N = a.shape[0], x2.shape, b.shape[0]
+            parts = da.split(ctx.acc_sizes)
+            acc = dict(da=parts[0].view(r, K))
+            if ctx.acc_sizes[1]:
+                acc.update(g=parts[1].view(M, r), db=parts[2].view(N, r))
+        dy_impl = _dy_impl(opt, x2)
+        if dy_impl == "triton":  # g (fp32) and dB from one pass over dY
+            g, db = _launch_dy([dy], b.contiguous(), xa, [1.0], a.shape[0], DY_NATIVE_WIDE if dy.shape[1] >= 2048 else None,
+                               native=True, g=acc.get("g"), db=acc.get("db"))
+        else:
             if need_x or need_a:
                 g = torch.mm(dy, b_c)  # (M, r)
             if need_b:
                 db = _mm_f32(dy.t(), xa)  # (N, r) fp32
-        else:
-            raise ValueError(f"GemmOptions.dy must be 'cublas' or 'triton', got {opt.dy!r}")
         g_scale = spec.scale * _inv_keep(spec.p)
         if impl == "torch_mask":
             adapter_dx = _adapter_dx_mask
@@ -878,19 +1022,21 @@ class _GemmLoRAFunction(torch.autograd.Function):
         else:
             adapter_dx = _launch_adapter_dx if impl == "triton" else _adapter_dx_torch
             a_arg = spec.keys
+        extra = {"da": acc["da"]} if need_a and "da" in acc else {}
         dx = da = None
         if need_x:
             if w is None:
                 w = spec.base.dense(dtype)
+            dx = x2.new_empty(ctx.x_shape)  # filled through a 2-D view, as y
+            dx2 = dx.view(x2.shape)
             if opt.adapter_first:
-                dx = torch.empty_like(x2)
-                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx, False, need_a)
-                dx.addmm_(dy, w)
+                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx2, False, need_a, **extra)
+                dx2.addmm_(dy, w)
             else:
-                dx = torch.mm(dy, w)
-                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx, True, need_a)
+                torch.mm(dy, w, out=dx2)
+                da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, dx2, True, need_a, **extra)
         elif need_a:
-            da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, None, False, True)
+            da = adapter_dx(x2, g, a.contiguous(), a_arg, spec.p, g_scale, None, False, True, **extra)
         return (dx, da.to(a.dtype) if need_a else None, db.to(b.dtype) if need_b else None, None)
 
 
@@ -908,11 +1054,13 @@ def _adapter_dx_mask(x2, g, a, keep, p, g_scale, t=None, accum=False, need_da=Tr
     return _mm_f32(gs.t(), x2 if keep is None else x2 * keep)
 
 
-def lora_gemm(x2: torch.Tensor, base: "Base", a: torch.Tensor, b: torch.Tensor, scale: float, p: float,
-              keys: torch.Tensor, options: GemmOptions | None = None) -> torch.Tensor:
-    """The GEMM path for one projection: x2 (M, K) contiguous in the compute dtype -> (M, N)."""
-    spec = _GemmSpec(base, float(scale), float(p), keys.reshape(-1, 2)[:1], options or GEMM_OPTIONS)
-    return _GemmLoRAFunction.apply(x2, a, b, spec)
+def lora_gemm(x: torch.Tensor, base: "Base", a: torch.Tensor, b: torch.Tensor, scale: float, p: float,
+              keys, options: GemmOptions | None = None) -> torch.Tensor:
+    """The GEMM path for one projection: x (..., K) in the compute dtype -> (..., N).
+    keys: the projection's dropout key pair (`key_pair`'s forms; CPU keys cost no sync)."""
+    pair = key_pair(keys) if p > 0 else (0, 0)
+    spec = _GemmSpec(base, float(scale), float(p), pair, options or GEMM_OPTIONS)
+    return _GemmLoRAFunction.apply(x, a, b, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -987,7 +1135,7 @@ def lora_reference(x: torch.Tensor, bases: list, As: list, Bs: list, scales: lis
         y = base.matmul(x2, base_backend)
         xd = x2.float()
         if p > 0:
-            keep = dropout_keep_reference(keys[s], x2.shape[0], K, p)
+            keep = dropout_keep_reference(keys[s], x2.shape[0], K, p, x2.device)
             xd = torch.where(keep, xd / (1.0 - p), 0.0)
         lora = F.linear(F.linear(xd, a.float()), b.float()) * scale
         ys.append((y + lora.to(y.dtype)).reshape(*x.shape[:-1], -1))
@@ -1010,7 +1158,9 @@ def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list,
     """[base_s(x) + scale_s * (dropout_s(x) A_s^T) B_s^T] for 1 to 3 projections sharing x.
 
     x (..., K); bases: `Base` list (all NF4 or all dense); As (r, K), Bs (N_s, r), one rank r.
-    p: dropout probability (0 in eval); keys: (S, 2) int32 dropout keys, drawn when None.
+    p: dropout probability (0 in eval); keys: (S, 2) int32 dropout keys, drawn from torch's CPU
+    generator when None. The GEMM path reads them on the host (CUDA keys cost it a sync), the fused
+    kernels from x's device (CPU keys are copied there).
     Outputs are (..., N_s) in x's dtype; the kernels run in the bases' compute dtype.
 
     backend: "cublas" (the GEMM path, `_GemmLoRAFunction`: one projection at a time, variant
@@ -1033,10 +1183,10 @@ def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list,
     path = _resolve_backend(x, backend)
     dtype = bases[0].dtype_for(x)
     xc = x.to(dtype)
-    if p > 0 and keys is None:
-        keys = new_dropout_keys(S, x.device)
+    if p > 0 and keys is None:  # on the CPU on every path, so one seed gives one mask on all of them
+        keys = new_dropout_keys(S, "cpu")
     if keys is None:
-        keys = torch.zeros((S, 2), dtype=torch.int32, device=x.device)
+        keys = torch.zeros((S, 2), dtype=torch.int32)
     if path == "reference" or x.numel() == 0:
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys)
     elif backend is None and x.numel() // K <= SMALL_M:
@@ -1044,12 +1194,11 @@ def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list,
         # skinny matmuls are negligible there.
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys, base_backend=None)
     elif path == "cublas":
-        x2 = xc.reshape(-1, K).contiguous()
-        ys = [lora_gemm(x2, base, a, b, scale, p, keys[s:s + 1], options).reshape(*x.shape[:-1], base.out_features)
+        ys = [lora_gemm(xc, base, a, b, scale, p, keys[s], options)
               for s, (base, a, b, scale) in enumerate(zip(bases, As, Bs, scales))]
     else:
         x2 = xc.reshape(-1, K).contiguous()
-        spec = _Spec(list(bases), [float(s) for s in scales], float(p), keys, r)
+        spec = _Spec(list(bases), [float(s) for s in scales], float(p), keys.to(x.device), r)
         ab = [t for pair in zip(As, Bs) for t in pair]
         ys = _LoRAFunction.apply(x2, spec, *ab)
         ys = [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
@@ -1069,6 +1218,17 @@ def lora_linear(x: torch.Tensor, layer, backend: str | None = None, keys: torch.
     keys. The entry point LoRALinear's forward calls on CUDA tensors (backend: see lora_forward).
     """
     base, a, b, scale, p = _layer_args(layer)
+    K = x.shape[-1]
+    path = _resolve_backend(x, backend)
+    if path == "cublas" and x.numel() and (backend is not None or x.numel() // K > SMALL_M):
+        # One projection on the GEMM path: straight to its autograd Function. lora_forward's list
+        # handling and checks cost host time on every call, and a layer's shapes are fixed.
+        if K != base.in_features:
+            raise ValueError(f"lora_linear: x has {K} features, the layer takes {base.in_features}")
+        if p > 0 and keys is None:
+            keys = new_dropout_keys(1, "cpu")
+        y = lora_gemm(x.to(base.dtype_for(x)), base, a, b, scale, p, keys if p > 0 else (0, 0), options)
+        return y.to(x.dtype)
     return lora_forward(x, [base], [a], [b], [scale], p, keys, backend, options)[0]
 
 

@@ -100,11 +100,12 @@ GEMM_VARIANTS = {
     "base_first": GemmOptions(adapter="triton", adapter_first=False),
     "dequant_twice": GemmOptions(adapter="triton", save_weight=False),
     "save_weight": GemmOptions(adapter="triton", save_weight=True),
+    "dy_cublas": GemmOptions(adapter="triton", dy="cublas"),
     "dy_triton": GemmOptions(adapter="triton", dy="triton"),
     "torch_mask": GemmOptions(adapter="torch_mask"),
 }
 GEMM_CASES = [(v, *case) for case in CASES for v in ("triton", "torch")] + \
-    [(v, *CASES[i]) for v in ("base_first", "dequant_twice", "save_weight", "dy_triton") for i in (1, 3, 4)]
+    [(v, *CASES[i]) for v in ("base_first", "dequant_twice", "save_weight", "dy_cublas", "dy_triton") for i in (1, 3, 4)]
 
 
 @pytest.mark.parametrize("variant,nf4,dtype,M,K,Ns,r,p,bias", GEMM_CASES)
@@ -151,7 +152,7 @@ def test_gemm_path_with_torch_dropout_mask(nf4, dtype, M, K, Ns, r, p, bias, ada
         assert _rel(gk, gp) <= TOL[dtype], name
 
 
-@pytest.mark.parametrize("variant", ["triton", "torch", "dy_triton", "torch_mask"])
+@pytest.mark.parametrize("variant", ["triton", "torch", "dy_cublas", "dy_triton", "torch_mask"])
 def test_gemm_path_without_x_grad_or_without_adapter_grads(variant):
     """The first layer's input needs no gradient (dA, dB only); a frozen adapter gives dX only."""
     x, bases, As, Bs = _make(True, torch.float32, 20, 64, (48,), 4)
@@ -168,6 +169,59 @@ def test_gemm_path_without_x_grad_or_without_adapter_grads(variant):
     y = lora_forward(x, bases, frozen[:1], frozen[1:], [1.0], p, keys, backend="cublas", options=opts)[0]
     (dx,) = torch.autograd.grad(y, [x], gy)
     assert _rel(dx, wx) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype,M,K,N", [(torch.float16, 37, 96, 48), (torch.float32, 64, 128, 80),
+                                         (torch.float16, 5, 64, 16)])
+def test_forward_launch_writes_every_output_of_its_jobs(monkeypatch, dtype, M, K, N):
+    """The forward's one Triton launch (`_launch_adapter_down` with b, workspace and nf4): xa, B
+    in x's dtype, the zeroed accumulators and the dequantized W, each written over a NaN-filled
+    buffer, so an element that no program wrote shows up."""
+    import kernels.lora as L
+
+    monkeypatch.setattr(L, "_scratch", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, K, generator=g).to(DEV, dtype)
+    a = (torch.randn(16, K, generator=g) * 0.1).to(DEV)
+    b = torch.randn(N, 16, generator=g).to(DEV)
+    q = quantize_nf4(torch.randn(N, K, generator=g).to(DEV))
+    keys = new_dropout_keys(1, "cpu")
+    xa, b_out, da, w = L._launch_adapter_down(x, a, keys, 0.1, 2.0, b=b, workspace=3000, nf4=q)
+    assert torch.equal(xa, L._launch_adapter_down(x, a, keys, 0.1, 2.0)[0])  # the jobs leave xa alone
+    assert _rel(xa, L._adapter_down_torch(x, a, keys, 0.1, 2.0)) <= TOL[dtype]
+    assert b_out.dtype == dtype and torch.equal(b_out, b.to(dtype))
+    assert da.dtype == torch.float32 and torch.equal(da, torch.zeros_like(da))
+    assert w.dtype == dtype and torch.equal(w, dequantize_nf4_reference(q, dtype))
+
+
+def test_gemm_path_takes_nd_input_and_gives_outputs_that_allow_inplace_ops():
+    """x (B, T, K) goes through the GEMM path's Function whole (flattened inside it); y and dX come
+    back in x's leading shape and are not views, so a residual `y += ...` downstream works."""
+    x, bases, As, Bs = _make(True, torch.float32, 12, 64, (48,), 4)
+    x3 = x.detach().reshape(3, 4, 64).requires_grad_()
+    want = lora_reference(x3, bases, As, Bs, [1.0], 0.0)[0]
+    y = lora_forward(x3, bases, As, Bs, [1.0], 0.0, None, backend="cublas", options=GemmOptions(adapter="triton"))[0]
+    assert y.shape == (3, 4, 48) and y._base is None
+    assert _rel(y, want) <= TOL[torch.float32]
+    z = y.clone()
+    y += 1.0  # in place, on the Function's output
+    (dx,) = torch.autograd.grad(y, [x3], torch.ones_like(y))
+    (want_dx,) = torch.autograd.grad(want, [x3], torch.ones_like(want))
+    assert dx.shape == x3.shape and dx._base is None and _rel(dx, want_dx) <= TOL[torch.float32]
+    assert torch.equal(y, z + 1.0)
+
+
+def test_gemm_path_backward_twice_through_one_graph():
+    """retain_graph: the dA accumulator the forward zeroed serves the first backward; the second
+    zeroes it again, so both give the same gradients."""
+    x, bases, As, Bs = _make(True, torch.float32, 20, 64, (48,), 4)
+    y = lora_forward(x, bases, As, Bs, [1.0], 0.1, new_dropout_keys(1, "cpu"), backend="cublas",
+                     options=GemmOptions(adapter="triton", dy="triton"))[0]
+    gy = torch.randn(y.shape).to(DEV)
+    first = torch.autograd.grad(y, [x, As[0], Bs[0]], gy, retain_graph=True)
+    second = torch.autograd.grad(y, [x, As[0], Bs[0]], gy)
+    for f, s in zip(first, second):
+        torch.testing.assert_close(s, f, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cublas"])
@@ -307,7 +361,7 @@ if S == 3:  # the two small passes once; the GEMMs for both shapes (their shared
     L._launch_dy(ys, b, xa, [1.0] * S, r)
     # The GEMM path's kernels, bf16, every variant the engine or the benchmark launches.
     x16, a1, keys1 = x, a[:r], keys[:1]
-    L._launch_adapter_down(x16, a1, keys1, 0.1, 4.0)
+    L._launch_adapter_down(x16, a1, keys1, 0.1, 4.0, b=b[:Ns[0]], workspace=16 * (M + K + Ns[0]), nf4=bases[0].weight)
     L._launch_adapter_down(x16, a1, keys1, 0.0, 4.0, dict(SPLIT_K=4))
     g16, t16 = torch.empty(M, r, dtype=torch.bfloat16), torch.empty(M, K, dtype=torch.bfloat16)
     L._launch_adapter_dx(x16, g16, a1, keys1, 0.1, 4.0, t16, False, True)
