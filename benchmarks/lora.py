@@ -328,9 +328,10 @@ def time_cases(cases, candidates, rounds=ROUNDS):
                                   "engine_over_bf16_base", "ours_ms", "peer_over_ours", "bf16_base_ms",
                                   "ours_over_bf16_base", "ours_nf4_base_ms", "engine_fwd_ms", "ours_fwd_ms",
                                   "peer_fwd_ms", "bf16_base_fwd_ms", "ours_3_calls_ms", "floor_ms", "ours_over_floor"])
-    print()
-    print_table(RESULTS["candidates"], ["shape", "candidate", "ms", "fwd_ms", "bwd_ms", "peer_over", "over_bf16_base",
-                                        "over_nf4_base", "meets_targets"])
+    if RESULTS["candidates"]:
+        print()
+        print_table(RESULTS["candidates"], ["shape", "candidate", "ms", "fwd_ms", "bwd_ms", "peer_over", "over_bf16_base",
+                                            "over_nf4_base", "meets_targets"])
     print(f"targets: peer / x >= {TARGETS['peer_over_ours']}, x / bf16 base <= {TARGETS['ours_over_bf16_base']}")
 
 
