@@ -476,8 +476,8 @@ def _gemm_pieces(case, down_config=None, adx_config=None, dy_config=None):
         "gemm: Y += xa B^T (cuBLAS beta=1, K=r)": lambda: y.addmm_(xa, b16.t()),
         "gemm: g = dY B (cuBLAS)": lambda: dy @ b16,
         "gemm: dB = dY^T xa (cuBLAS, fp32 out)": lambda: L._mm_f32(dy.t(), xa),
-        "gemm: g, dB in one dY pass (Triton)": lambda: L._launch_dy([dy], b, xa, [1.0], R, dy_config or (
-            L.DY_NATIVE_WIDE if dy.shape[1] >= 2048 else None), native=True),
+        "gemm: g, dB in one dY pass (Triton)": lambda: L._launch_dy(
+            [dy], b, xa, [1.0], R, dy_config or L.dy_native_config(dy.shape[1]), native=True),
         "gemm: T + dA (Triton, one x pass)": lambda: L._launch_adapter_dx(x2, g, a, keys, p, sc, t, False, True,
                                                                           adx_config),
         "gemm: dA alone (Triton)": lambda: L._launch_adapter_dx(x2, g, a, keys, p, sc, None, False, True, adx_config),

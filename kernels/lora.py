@@ -622,6 +622,13 @@ DA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
 DY_NATIVE_WIDE = dict(BLOCK_M=64, BLOCK_N=256, num_warps=8)  # the GEMM path's dY pass, N >= 2048 (H100 sweep)
 
 
+def dy_native_config(N: int) -> dict | None:
+    """Tiles of the GEMM path's one-pass dY kernel for N output features (None: DY_CONFIG). On the
+    H100, q/o (N = 4096) takes 33 us at 64 x 256 and 68 at DY_CONFIG's 32 x 128; k/v (1024) is
+    fastest at 32 x 128."""
+    return DY_NATIVE_WIDE if N >= 2048 else None
+
+
 def _launch_down(x2, a_cat, keys, scales, p, r, config=None):
     M, K = x2.shape
     S = len(scales)
@@ -944,15 +951,20 @@ class _GemmLoRAFunction(torch.autograd.Function):
         dtype = x2.dtype
         impl = _adapter_impl(opt, x2)
         down_scale = spec.scale * _inv_keep(spec.p)
-        keep = da = None
-        if impl == "triton":  # one launch: xa, B cast to x's dtype, the backward's dA zeroed, W dequantized
+        keep = None
+        da_acc = g_acc = db_acc = None  # the backward's zeroed fp32 accumulators: dA (r, K), g (M, r), dB (N, r)
+        if impl == "triton":  # one launch: xa, B cast to x's dtype, the accumulators zeroed, W dequantized
             nf4 = spec.base.weight if spec.base.is_nf4 else None
             r, (M, K), N = a.shape[0], x2.shape, b.shape[0]
-            sizes = (r * K, M * r, N * r) if _dy_impl(opt, x2) == "triton" else (r * K, 0, 0)  # dA, g, dB
+            shapes = [(r, K), (M, r), (N, r)] if _dy_impl(opt, x2) == "triton" else [(r, K)]
+            sizes = [rows * cols for rows, cols in shapes]
             xa, b_c, acc, w = _launch_adapter_down(x2, a.contiguous(), spec.keys, spec.p, down_scale, b=b.contiguous(),
                                                    workspace=sum(sizes), nf4=nf4)  # (M, r), (N, r)
-            da = acc  # the backward's zeroed accumulators, one buffer (split there)
-            ctx.acc_sizes = sizes
+            views = [t.view(shape) for t, shape in zip(acc.split(sizes), shapes)]
+            if len(views) == 3:
+                da_acc, g_acc, db_acc = views
+            else:
+                (da_acc,) = views
             if w is None:
                 w = spec.base.dense(dtype)  # (N, K)
         else:
@@ -979,16 +991,16 @@ class _GemmLoRAFunction(torch.autograd.Function):
             torch.addmm(bias, *first, out=y2)
         y2.addmm_(*second)
         ctx.spec = spec
-        ctx.acc_fresh = da is not None  # the zeroed accumulators serve one backward (retain_graph: later ones re-zero)
+        ctx.acc_fresh = True  # the zeroed accumulators serve one backward (retain_graph: later ones re-zero them)
         save_w = opt.save_weight
         if save_w is None:  # free for a dense base already in x's dtype (w is the weight itself)
             save_w = w.numel() <= x2.numel() or w is spec.base.weight
-        ctx.save_for_backward(x2, xa, a, b, b_c, w if save_w else None, keep, da)
+        ctx.save_for_backward(x2, xa, a, b, b_c, w if save_w else None, keep, da_acc, g_acc, db_acc)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, a, b, b_c, w, keep, da = ctx.saved_tensors
+        x2, xa, a, b, b_c, w, keep, da_acc, g_acc, db_acc = ctx.saved_tensors
         spec = ctx.spec
         opt = spec.options
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
@@ -996,20 +1008,14 @@ class _GemmLoRAFunction(torch.autograd.Function):
         dtype = x2.dtype
         impl = _adapter_impl(opt, x2)
         g = db = None
-        acc = {}
-        if da is not None:  # the forward's zeroed workspace: dA (r, K), g (M, r), dB (N, r) fp32
-            if not ctx.acc_fresh:  # a second backward through this graph (retain_graph=True)
-                da.zero_()
-            ctx.acc_fresh = False
-            r, (M, K), N = a.shape[0], x2.shape, b.shape[0]
-            parts = da.split(ctx.acc_sizes)
-            acc = dict(da=parts[0].view(r, K))
-            if ctx.acc_sizes[1]:
-                acc.update(g=parts[1].view(M, r), db=parts[2].view(N, r))
-        dy_impl = _dy_impl(opt, x2)
-        if dy_impl == "triton":  # g (fp32) and dB from one pass over dY
-            g, db = _launch_dy([dy], b.contiguous(), xa, [1.0], a.shape[0], DY_NATIVE_WIDE if dy.shape[1] >= 2048 else None,
-                               native=True, g=acc.get("g"), db=acc.get("db"))
+        if not ctx.acc_fresh:  # a second backward through this graph (retain_graph=True)
+            for t in (da_acc, g_acc, db_acc):
+                if t is not None:
+                    t.zero_()
+        ctx.acc_fresh = False
+        if _dy_impl(opt, x2) == "triton":  # g (fp32) and dB from one pass over dY
+            g, db = _launch_dy([dy], b.contiguous(), xa, [1.0], a.shape[0], dy_native_config(dy.shape[1]),
+                               native=True, g=g_acc, db=db_acc)
         else:
             if need_x or need_a:
                 g = torch.mm(dy, b_c)  # (M, r)
@@ -1022,7 +1028,7 @@ class _GemmLoRAFunction(torch.autograd.Function):
         else:
             adapter_dx = _launch_adapter_dx if impl == "triton" else _adapter_dx_torch
             a_arg = spec.keys
-        extra = {"da": acc["da"]} if need_a and "da" in acc else {}
+        extra = {"da": da_acc} if need_a and da_acc is not None else {}
         dx = da = None
         if need_x:
             if w is None:
@@ -1146,6 +1152,11 @@ BACKENDS = ("cublas", "triton", "reference")
 CUDA_BACKEND = "cublas"  # what backend=None runs on CUDA tensors (CPU tensors: "reference")
 
 
+def _decoding(x: torch.Tensor, backend: str | None) -> bool:
+    """backend None and at most SMALL_M rows: the call takes the NF4 GEMV and the PyTorch adapter."""
+    return backend is None and x.numel() // x.shape[-1] <= SMALL_M
+
+
 def _resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
@@ -1189,7 +1200,7 @@ def lora_forward(x: torch.Tensor, bases: list, As: list, Bs: list, scales: list,
         keys = torch.zeros((S, 2), dtype=torch.int32)
     if path == "reference" or x.numel() == 0:
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys)
-    elif backend is None and x.numel() // K <= SMALL_M:
+    elif _decoding(x, backend):
         # Decoding: a few rows. The NF4 GEMV reads W faster than a GEMM tile can; the adapter's two
         # skinny matmuls are negligible there.
         ys = lora_reference(xc, bases, As, Bs, scales, p, keys, base_backend=None)
@@ -1218,17 +1229,15 @@ def lora_linear(x: torch.Tensor, layer, backend: str | None = None, keys: torch.
     keys. The entry point LoRALinear's forward calls on CUDA tensors (backend: see lora_forward).
     """
     base, a, b, scale, p = _layer_args(layer)
-    K = x.shape[-1]
-    path = _resolve_backend(x, backend)
-    if path == "cublas" and x.numel() and (backend is not None or x.numel() // K > SMALL_M):
+    if _resolve_backend(x, backend) == "cublas" and x.numel() and not _decoding(x, backend):
         # One projection on the GEMM path: straight to its autograd Function. lora_forward's list
         # handling and checks cost host time on every call, and a layer's shapes are fixed.
-        if K != base.in_features:
-            raise ValueError(f"lora_linear: x has {K} features, the layer takes {base.in_features}")
+        if x.shape[-1] != base.in_features:
+            raise ValueError(f"lora_linear: x has {x.shape[-1]} features in its last dimension, the layer takes "
+                             f"{base.in_features}: pass inputs of shape (..., {base.in_features})")
         if p > 0 and keys is None:
             keys = new_dropout_keys(1, "cpu")
-        y = lora_gemm(x.to(base.dtype_for(x)), base, a, b, scale, p, keys if p > 0 else (0, 0), options)
-        return y.to(x.dtype)
+        return lora_gemm(x.to(base.dtype_for(x)), base, a, b, scale, p, keys, options).to(x.dtype)
     return lora_forward(x, [base], [a], [b], [scale], p, keys, backend, options)[0]
 
 
