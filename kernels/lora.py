@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv, launch, next_power_of_2
 from kernels.nf4 import (GEMV_ROWS, NF4Tensor, _num_sms, dequant_launch, dx_config, gemm_config, nf4_dequant_blocks,
                          nf4_dequant_tile, nf4_matmul)
 
@@ -603,13 +604,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _rows_per_prog(M: int, programs: int, block_m: int, device, waves: int = 2) -> int:
     """Rows each program of a reduction-over-M kernel takes, for about `waves` waves of programs."""
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(waves * _num_sms(device), max(programs, 1))))
-    return triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = max(1, min(cdiv(M, block_m), cdiv(waves * _num_sms(device), max(programs, 1))))
+    return cdiv(cdiv(M, splits), block_m) * block_m
 
 
 def _pad3(items: list) -> list:
@@ -635,7 +636,7 @@ def _launch_down(x2, a_cat, keys, scales, p, r, config=None):
     c = dict(DOWN_CONFIG, **(config or {}))
     xa = torch.empty((M, S * r), dtype=torch.float32, device=x2.device)
     sc = _pad3(list(scales))
-    _lora_down_kernel[(S, triton.cdiv(M, c["BLOCK_M"]))](
+    _lora_down_kernel[(S, cdiv(M, c["BLOCK_M"]))](
         x2, a_cat, keys, xa, M, K, r, x2.stride(0), sc[0], sc[1], sc[2],
         keep_threshold(p), 1.0 / (1.0 - p),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
@@ -661,12 +662,12 @@ def _launch_fwd(x2, xa, b_cat, bias_cat, bases, r, config=None):
     Ns = [b.out_features for b in bases]
     ys = [torch.empty((M, n), dtype=x2.dtype, device=x2.device) for n in Ns]
     c = _config(gemm_config(M, sum(Ns), K), bases[0].is_nf4, K, config)
-    num_n = sum(triton.cdiv(n, c["BLOCK_N"]) for n in Ns)
+    num_n = sum(cdiv(n, c["BLOCK_N"]) for n in Ns)
     args = []
     for base, y in zip(_pad3(list(bases)), _pad3(ys)):
         args += [*base.kernel_args(), y]
     N3 = Ns + [0] * (MAX_SEGMENTS - len(Ns))
-    _lora_fwd_kernel[(triton.cdiv(M, c["BLOCK_M"]) * num_n,)](
+    _lora_fwd_kernel[(cdiv(M, c["BLOCK_M"]) * num_n,)](
         x2, xa, b_cat, bias_cat if bias_cat is not None else xa, *args,
         M, K, N3[0], N3[1], N3[2], r, x2.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
@@ -688,11 +689,12 @@ def _launch_dy(dys, b_cat, xa, scales, r, config=None, native=False, g=None, db=
         g = torch.zeros((M, S * r), dtype=torch.float32, device=xa.device)
     if db is None:
         db = torch.zeros((sum(Ns), r), dtype=torch.float32, device=xa.device)
-    num_n = sum(triton.cdiv(n, c["BLOCK_N"]) for n in Ns)
+    num_n = sum(cdiv(n, c["BLOCK_N"]) for n in Ns)
     rows = _rows_per_prog(M, num_n, c["BLOCK_M"], xa.device)
     N3 = Ns + [0] * (MAX_SEGMENTS - S)
     sc = _pad3(list(scales))
-    _lora_dy_kernel[(num_n, triton.cdiv(M, rows))](
+    launch(
+        _lora_dy_kernel, (num_n, cdiv(M, rows)),
         *_pad3(list(dys)), b_cat, xa, g, db, M, N3[0], N3[1], N3[2], r, rows, sc[0], sc[1], sc[2],
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_R=_block_r(r), NSEG=S,
         PRECISION=_precision(dys[0].dtype), NATIVE=native, num_warps=c["num_warps"], num_stages=c["num_stages"],
@@ -712,7 +714,7 @@ def _launch_dx(dys, bases, g, a_cat, keys, p, r, x2=None, config=None):
     for dy, base in zip(_pad3(list(dys)), _pad3(list(bases))):
         args += [dy, *base.kernel_args()]
     N3 = Ns + [0] * (MAX_SEGMENTS - len(Ns))
-    _lora_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](
+    _lora_dx_kernel[(cdiv(M, c["BLOCK_M"]) * cdiv(K, c["BLOCK_K"]),)](
         *args, g, a_cat, keys, dx, dx if x2 is None else x2, dx if da is None else da,
         M, K, N3[0], N3[1], N3[2], r, K if x2 is None else x2.stride(0), keep_threshold(p), 1.0 / (1.0 - p),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r),
@@ -727,9 +729,9 @@ def _launch_da(x2, g, keys, p, r, S, config=None):
     M, K = x2.shape
     c = dict(DA_CONFIG, **(config or {}))
     da = torch.zeros((S * r, K), dtype=torch.float32, device=x2.device)
-    k_tiles = triton.cdiv(K, c["BLOCK_K"])
+    k_tiles = cdiv(K, c["BLOCK_K"])
     rows = _rows_per_prog(M, S * k_tiles, c["BLOCK_M"], x2.device)
-    _lora_da_kernel[(S, k_tiles, triton.cdiv(M, rows))](
+    _lora_da_kernel[(S, k_tiles, cdiv(M, rows))](
         x2, g, keys, da, M, K, r, x2.stride(0), rows, keep_threshold(p), 1.0 / (1.0 - p),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), NSEG=S, DROPOUT=p > 0,
         PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
@@ -764,8 +766,8 @@ def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0
     M, K = x2.shape
     r = a.shape[0]
     c = dict(ADAPTER_DOWN_CONFIG, **(config or {}))
-    split = max(1, min(c["SPLIT_K"], triton.cdiv(K, c["BLOCK_K"])))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
+    split = max(1, min(c["SPLIT_K"], cdiv(K, c["BLOCK_K"])))
+    k_per_split = cdiv(cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
     atomic = split > 1
     dev = x2.device
     xa = (torch.zeros if atomic else _scratch)((M, r), dtype=torch.float32 if atomic else x2.dtype, device=dev)
@@ -773,7 +775,7 @@ def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0
     n_b = 0 if b_out is b else b.numel()
     acc = _scratch((workspace,), torch.float32, dev) if workspace else None
     k1, k2 = key_pair(keys) if p > 0 else (0, 0)
-    grid0 = triton.cdiv(M, c["BLOCK_M"])
+    grid0 = cdiv(M, c["BLOCK_M"])
     w = None
     q_args, deq = (xa,) * 7 + (0, 0, 0), dict(DEQUANT=False, DEQ_BLOCKS=1, DEQ_EVEN=True)
     if nf4 is not None and nf4.numel() and split == 1:  # the dequant's programs follow the row tiles
@@ -784,7 +786,8 @@ def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0
         grid0 += programs
     elif nf4 is not None:
         w = nf4.dequantize(x2.dtype)
-    _adapter_down_kernel[(grid0, split)](
+    launch(
+        _adapter_down_kernel, (grid0, split),
         x2, a, xa, xa if n_b == 0 else b, xa if n_b == 0 else b_out, xa if acc is None else acc, M, K, r, x2.stride(0),
         k_per_split, float(scale), k1, k2, keep_threshold(p), n_b, workspace, *q_args,
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, ATOMIC=atomic,
@@ -802,10 +805,11 @@ def _launch_adapter_dx(x2, g, a, keys, p, g_scale, t=None, accum=False, need_da=
     c = dict(ADAPTER_DX_CONFIG, **(config or {}))
     if need_da and da is None:
         da = torch.zeros((r, K), dtype=torch.float32, device=x2.device)
-    k_tiles = triton.cdiv(K, c["BLOCK_K"])
+    k_tiles = cdiv(K, c["BLOCK_K"])
     rows = _rows_per_prog(M, k_tiles, c["BLOCK_M"], x2.device, c["WAVES"])
     k1, k2 = key_pair(keys) if p > 0 else (0, 0)
-    _adapter_dx_kernel[(k_tiles, triton.cdiv(M, rows))](
+    launch(
+        _adapter_dx_kernel, (k_tiles, cdiv(M, rows)),
         x2, g.contiguous(), a, x2 if t is None else t, x2 if not need_da else da, M, K, r, x2.stride(0), rows,
         float(g_scale), k1, k2, keep_threshold(p),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, NEED_DX=t is not None,

@@ -70,6 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv, next_power_of_2
+
 BLOCKSIZE = 64  # elements per absmax
 NESTED_BLOCKSIZE = 256  # absmax values per absmax2
 
@@ -446,10 +448,10 @@ def dequant_launch(n: int, blocks: int | None = None, num_warps: int | None = No
     (defaults from `dequant_config`); shared by the single-tensor and the stacked-experts launchers."""
     c = dequant_config(n)
     blocks = blocks or c["blocks"]
-    n_blocks = triton.cdiv(n, BLOCKSIZE)
+    n_blocks = cdiv(n, BLOCKSIZE)
     meta = dict(BLOCKS=blocks, EVEN=n % (blocks * BLOCKSIZE) == 0, num_warps=num_warps or c["num_warps"],
                 enable_fp_fusion=False)
-    return triton.cdiv(n_blocks, blocks), n_blocks, meta
+    return cdiv(n_blocks, blocks), n_blocks, meta
 
 
 def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, blocks: int | None = None,
@@ -813,7 +815,7 @@ def gemm_config(M: int, N: int, K: int) -> dict:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=8, num_stages=3)
     block_m = 32 if M <= 64 else 64
     block_n = 128
-    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 2 * 132:  # H100 SMs
+    while block_n > 32 and cdiv(M, block_m) * cdiv(N, block_n) < 2 * 132:  # H100 SMs
         block_n //= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, W_AS_A=True, num_warps=4, num_stages=4)
 
@@ -851,7 +853,7 @@ def nf4_gemm(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torch
     if M == 0 or N == 0:
         return y
     c = dict(gemm_config(M, N, K), **(config or {}))
-    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    grid = (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)
     _nf4_gemm_kernel[grid](
         x, *q.tensors(), y, M, N, K, x.stride(0), y.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
@@ -873,7 +875,7 @@ def nf4_gemm_dx(dy: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> t
     if M == 0 or K == 0:
         return dx
     c = dict(dx_config(M, N, K), **(config or {}))
-    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
+    grid = (cdiv(M, c["BLOCK_M"]) * cdiv(K, c["BLOCK_K"]),)
     _nf4_gemm_dx_kernel[grid](
         dy, *q.tensors(), dx, M, N, K, dy.stride(0), dx.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
@@ -908,18 +910,18 @@ def _gemv_plan(M: int, N: int, K: int, dtype: torch.dtype, sms: int, config: dic
         raise ValueError(f"nf4_gemv: the fma kernel needs K % 64 == 0, M <= 4 and BLOCK_K % 64 == 0, "
                          f"got K={K}, M={M}, BLOCK_K={c['BLOCK_K']}")
     target = c.get("WAVES", 4) * sms  # programs wanted
-    block_n = c["BLOCK_N"] or next((b for b in (16, 8) if triton.cdiv(N, b) >= target), 4)
-    n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, c["BLOCK_K"])
-    split = c["SPLIT_K"] or max(1, min(k_tiles, triton.cdiv(target, n_tiles)))
-    k_per_split = triton.cdiv(k_tiles, split) * c["BLOCK_K"]
-    split = triton.cdiv(K, k_per_split)
+    block_n = c["BLOCK_N"] or next((b for b in (16, 8) if cdiv(N, b) >= target), 4)
+    n_tiles, k_tiles = cdiv(N, block_n), cdiv(K, c["BLOCK_K"])
+    split = c["SPLIT_K"] or max(1, min(k_tiles, cdiv(target, n_tiles)))
+    k_per_split = cdiv(k_tiles, split) * c["BLOCK_K"]
+    split = cdiv(K, k_per_split)
     meta = dict(BLOCK_N=block_n, BLOCK_K=c["BLOCK_K"], ATOMIC=split > 1, num_warps=c["num_warps"],
                 num_stages=c["num_stages"])
     if fma:
         meta.update(M=M, EVEN_N=N % block_n == 0, EVEN_K=K % c["BLOCK_K"] == 0, WORD_VEC=c.get("WORD_VEC", 4),
                     X_AHEAD=c.get("X_AHEAD", False))
         return _nf4_decode_fma_kernel, (n_tiles, split), split, (N, K, K, N, k_per_split), meta
-    meta.update(BLOCK_M=c.get("BLOCK_M") or max(16, triton.next_power_of_2(M)), K_ALIGNED=K % BLOCKSIZE == 0,
+    meta.update(BLOCK_M=c.get("BLOCK_M") or max(16, next_power_of_2(M)), K_ALIGNED=K % BLOCKSIZE == 0,
                 EVEN=_even(N, K, block_n, c["BLOCK_K"]), DOT_PRECISION=_dot_precision(dtype))
     return _nf4_decode_mma_kernel, (n_tiles, split), split, (M, N, K, K, N, k_per_split), meta
 
