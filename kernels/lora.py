@@ -55,7 +55,7 @@ from kernels.nf4 import (GEMV_ROWS, NF4Tensor, _num_sms, dequant_launch, dx_conf
 MAX_SEGMENTS = 3
 SMALL_M = GEMV_ROWS  # backend None: at most this many rows (decoding) take the NF4 GEMV + PyTorch adapter
 _MASK32 = 0xFFFFFFFF
-_KEEP_BITS = 24  # the mask compares the hash's top 24 bits with round(p * 2^24)
+_KEEP_BITS = 16  # the mask compares 16 bits of a pair's hash with round(p * 2^16) (see _keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,9 +87,25 @@ def _row_keys(keys_ptr, seg, offs_m):
 
 @triton.jit
 def _keep(row_keys, offs_k, keep_thr):
-    """(BLOCK_M, BLOCK_K) keep-mask of elements (m, k): one hash round per element."""
-    h = _lowbias32(row_keys[:, None] + offs_k.to(tl.uint32)[None, :])
-    return (h >> 8).to(tl.int32) >= keep_thr
+    """(BLOCK_M, BLOCK_K) keep-mask of elements (m, k), any columns offs_k: the hash of column pair
+    k // 2 (one round on row key + k // 2), its low 16 bits for even k and its high 16 for odd k.
+    Element by element (the fused kernels); `_keep_tile` gives the same mask at half the hashes."""
+    h = _lowbias32(row_keys[:, None] + (offs_k >> 1).to(tl.uint32)[None, :])
+    bits = tl.where((offs_k & 1)[None, :] == 1, h >> 16, h & 0xFFFF)
+    return bits.to(tl.int32) >= keep_thr
+
+
+@triton.jit
+def _keep_tile(row_keys, k_start, keep_thr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_keep` of columns k_start .. k_start + BLOCK_K - 1 (k_start even): one hash per column pair,
+    its two 16-bit halves interleaved into the tile. The GEMM path's passes are bound by this
+    integer work, not by memory: on the H200 the T + dA pass took 50.4 us with a hash per
+    element and 38.0 with one per pair (session 11)."""
+    pairs = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+    h = _lowbias32(row_keys[:, None] + pairs.to(tl.uint32)[None, :])  # (BM, BK / 2)
+    lo = (h & 0xFFFF).to(tl.int32)
+    hi = (h >> 16).to(tl.int32)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_M, BLOCK_K)) >= keep_thr  # columns 2j, 2j + 1 <- lo[j], hi[j]
 
 
 def _lowbias32_reference(h: torch.Tensor) -> torch.Tensor:
@@ -123,8 +139,9 @@ def dropout_keep_reference(keys, M: int, K: int, p: float, device=None) -> torch
     rows = torch.arange(M, dtype=torch.int64, device=device)
     row_keys = _lowbias32_reference(_lowbias32_reference(rows ^ k1) ^ k2)  # (M,)
     cols = torch.arange(K, dtype=torch.int64, device=device)
-    h = _lowbias32_reference((row_keys[:, None] + cols[None, :]) & _MASK32)  # (M, K)
-    return (h >> 8) >= keep_threshold(p)
+    h = _lowbias32_reference((row_keys[:, None] + (cols >> 1)[None, :]) & _MASK32)  # (M, K): column pairs
+    bits = torch.where((cols & 1).bool()[None, :], h >> 16, h & 0xFFFF)
+    return bits >= keep_threshold(p)
 
 
 def new_dropout_keys(n: int, device) -> torch.Tensor:
@@ -456,7 +473,7 @@ def _adapter_down_rows(
         k_mask = offs_k < K
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
         if DROPOUT:
-            x = tl.where(_keep(row_keys, offs_k, keep_thr), x, tl.zeros_like(x))
+            x = tl.where(_keep_tile(row_keys, k_start, keep_thr, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
         a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(a.to(x.dtype)), acc=acc, input_precision=PRECISION)  # (BM, BR)
     out = xa_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
@@ -522,7 +539,8 @@ def _adapter_dx_kernel(
         g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, BR)
         if DROPOUT:
-            keep = _keep(_row_keys_of(key1, key2, offs_m), offs_k, keep_thr)  # (BM, BK)
+            keep = _keep_tile(_row_keys_of(key1, key2, offs_m), tl.program_id(0) * BLOCK_K, keep_thr,
+                              BLOCK_M, BLOCK_K)  # (BM, BK)
         if NEED_DX:
             t = tl.dot(g, a, input_precision=PRECISION) * g_scale  # (BM, BK) fp32
             if DROPOUT:
@@ -739,10 +757,11 @@ def _launch_da(x2, g, keys, p, r, S, config=None):
     return da
 
 
-# Tiles from benchmarks/lora.py's sweep on the H100 (session 10, q/o at 5120 tokens): down 37.9 us
-# (BLOCK_M 32 x BLOCK_K 128: 42.6), T + dA 55.3 us (BLOCK_M 64 x BLOCK_K 64, 2 waves: 66.9).
+# Tiles from sweeps at q/o, 5120 tokens. Down: H100, session 10, 37.9 us (BLOCK_M 32 x BLOCK_K 128:
+# 42.6). T + dA: H200, session 11, with one hash per column pair (`_keep_tile`): 16 x 256 38.0 us,
+# 16 x 128 43.7, 32 x 128 50.9, 64 x 128 (2 waves) 67.9.
 ADAPTER_DOWN_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3)
-ADAPTER_DX_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, WAVES=4, num_warps=4, num_stages=3)
+ADAPTER_DX_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, WAVES=4, num_warps=4, num_stages=3)
 
 
 def _inv_keep(p: float) -> float:

@@ -225,18 +225,29 @@ def test_gemm_path_backward_twice_through_one_graph():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cublas"])
-def test_dropout_mask_is_the_reference_mask_bit_for_bit(backend):
-    """W = 0, A = I, B = I: the output is scale * dropout(x) exactly, so the mask shows."""
-    M, K, p = 45, 32, 0.3
-    x = torch.randn(M, K).to(DEV) + 3.0  # no zeros in x, so a zero output means a dropped element
-    base = Base(torch.zeros(K, K, device=DEV))
-    eye = torch.eye(K, device=DEV)
+@pytest.mark.parametrize("K,starts", [(32, (0,)), (37, (0, 21)), (300, (0, 251, 284))])
+def test_dropout_mask_is_the_reference_mask_bit_for_bit(backend, K, starts):
+    """W = 0, B = I (16 x 16) and A selecting 16 columns c0.. of x: the output is dropout(x)[:, c0:c0+16]
+    exactly, and with dY = 1 the dX is keep / (1 - p) on those columns, so both passes' masks show.
+    K = 37 cuts a column pair; K = 300 spans two 256-column tiles. The fused kernels hash element by
+    element (`_keep`), the GEMM path's passes by column pairs (`_keep_tile`)."""
+    M, p, r = 45, 0.3, 16
     keys = new_dropout_keys(1, DEV)
-    y = lora_forward(x, [base], [eye], [eye], [1.0], p, keys, backend=backend,
-                     options=GemmOptions(adapter="triton"))[0]
     keep = dropout_keep_reference(keys[0], M, K, p)
-    assert torch.equal(y != 0, keep)
-    torch.testing.assert_close(y[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
+    base = Base(torch.zeros(r, K, device=DEV))
+    for c0 in starts:
+        x = (torch.randn(M, K) + 3.0).to(DEV).requires_grad_()  # no zeros in x: a zero output is a drop
+        a = torch.zeros(r, K, device=DEV)
+        a[torch.arange(r), c0 + torch.arange(r)] = 1.0
+        y = lora_forward(x, [base], [a], [torch.eye(r, device=DEV)], [1.0], p, keys, backend=backend,
+                         options=GemmOptions(adapter="triton"))[0]
+        cols = slice(c0, c0 + r)
+        assert torch.equal(y != 0, keep[:, cols]), c0
+        torch.testing.assert_close(y[keep[:, cols]], x[:, cols][keep[:, cols]] / (1 - p), rtol=1e-6, atol=0)
+        (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+        want = torch.zeros(M, K, device=DEV)
+        want[:, cols] = keep[:, cols] / (1 - p)
+        torch.testing.assert_close(dx, want, rtol=1e-6, atol=0)
 
 
 def test_dropout_mask_statistics():
@@ -248,6 +259,11 @@ def test_dropout_mask_statistics():
     assert abs(a.float().mean(1).std().item() - (p * (1 - p) / 1024) ** 0.5) < 3e-3  # rows independent
     both = (~a & ~b).float().mean().item()  # two keys: independent masks
     assert abs(both - p * p) < 2e-3
+    # columns 2j and 2j + 1 take the two halves of one hash, 2j + 1 and 2j + 2 come from two hashes:
+    # both pairs must drop together at the rate of independent elements
+    for first in (0, 1):
+        together = (~a[:, first:-1:2] & ~a[:, first + 1::2]).float().mean().item()
+        assert abs(together - p * p) < 2e-3, (first, together)
     assert keep_threshold(0.0) == 0 and dropout_keep_reference(keys[0], 4, 4, 0.0).all()
 
 
