@@ -40,11 +40,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _spec(a):
-    """What Triton specializes a positional argument on, or more (see `_key`)."""
-    return _key((a,))[0]
-
-
 def _key(args: tuple) -> tuple:
     """Per positional argument: a tensor's dtype and 16-byte alignment; an int's ==1, %16 and width
     (i32, i64 or u64); a float as float; anything else (None, bool, str) by value. One
@@ -97,9 +92,10 @@ def _stream(device: int) -> int:
 
 
 def launch(fn, grid, *args, **kwargs):
-    """fn[grid](*args, **kwargs), through the compiled kernel's launcher once it is known. grid is a
-    tuple (not a callable); returns the compiled kernel from fn[grid], None from the fast path."""
-    if not FAST:
+    """fn[grid](*args, **kwargs), through the compiled kernel's launcher once it is known (a grid
+    given as a callable always goes through fn[grid]); returns the compiled kernel from fn[grid],
+    None from the fast path."""
+    if not FAST or callable(grid):
         return fn[grid](*args, **kwargs)
     device = _device()
     key = (fn, device, _key(args), tuple(kwargs.items()))

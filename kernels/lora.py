@@ -524,7 +524,8 @@ def _adapter_dx_kernel(
     #                                                                    add per program at the end
     # g (M, R) any dtype (cast to x's); A fp32 (cast to x's dtype); T (M, K) in x's dtype.
     dtype = x_ptr.dtype.element_ty
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(0) * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     k_mask = offs_k < K
     r_mask = offs_r < R
@@ -539,8 +540,7 @@ def _adapter_dx_kernel(
         g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, BR)
         if DROPOUT:
-            keep = _keep_tile(_row_keys_of(key1, key2, offs_m), tl.program_id(0) * BLOCK_K, keep_thr,
-                              BLOCK_M, BLOCK_K)  # (BM, BK)
+            keep = _keep_tile(_row_keys_of(key1, key2, offs_m), k_start, keep_thr, BLOCK_M, BLOCK_K)  # (BM, BK)
         if NEED_DX:
             t = tl.dot(g, a, input_precision=PRECISION) * g_scale  # (BM, BK) fp32
             if DROPOUT:

@@ -21,20 +21,24 @@ def _fresh():
     LA.clear()
 
 
-# ---- _spec: at least as fine as Triton's specialization ----
+# ---- the key: at least as fine as Triton's specialization ----
+
+def _spec(a):
+    return LA._key((a,))[0]
+
 
 def test_spec_tells_apart_what_triton_specializes_on():
     t = torch.zeros(64, dtype=torch.bfloat16)
-    assert LA._spec(t) == LA._spec(torch.ones(64, dtype=torch.bfloat16))
-    assert LA._spec(t) != LA._spec(t[1:])  # 2 bytes off: no longer 16-byte aligned
-    assert LA._spec(t[8:]) == LA._spec(t)  # 16 bytes off: aligned
-    assert LA._spec(t) != LA._spec(t.float())
+    assert _spec(t) == _spec(torch.ones(64, dtype=torch.bfloat16))
+    assert _spec(t) != _spec(t[1:])  # 2 bytes off: no longer 16-byte aligned
+    assert _spec(t[8:]) == _spec(t)  # 16 bytes off: aligned
+    assert _spec(t) != _spec(t.float())
     ints = [1, 2, 16, 2 ** 31, -(2 ** 31) - 1, 2 ** 63]
-    assert len({LA._spec(v) for v in ints}) == len(ints)
-    assert LA._spec(17) == LA._spec(33) and LA._spec(32) == LA._spec(48)
-    assert LA._spec(True) != LA._spec(False) and LA._spec(True) != LA._spec(1)
-    assert LA._spec(0.5) == LA._spec(3.0)
-    assert LA._spec(None) is None and LA._spec("tf32") == "tf32"
+    assert len({_spec(v) for v in ints}) == len(ints)
+    assert _spec(17) == _spec(33) and _spec(32) == _spec(48)
+    assert _spec(True) != _spec(False) and _spec(True) != _spec(1)
+    assert _spec(0.5) == _spec(3.0)
+    assert _spec(None) is None and _spec("tf32") == "tf32"
 
 
 # ---- the mechanics, with a fake JIT function ----
@@ -114,10 +118,13 @@ def test_fallbacks(fake, monkeypatch):
     for _ in range(2):
         LA.launch(interp, (1,), x)
     assert [e[0] for e in interp.log] == ["run", "run"] and not LA._KERNELS
+    for _ in range(2):  # a grid given as a callable: always fn[grid]
+        LA.launch(fake, lambda meta: (1,), x, 100, BLOCK=64)
+    assert [e[0] for e in fake.log] == ["run"] * 4 and not LA._KERNELS
     fake.pre_run_hooks.append(lambda *a, **k: None)
     for _ in range(2):
         LA.launch(fake, (1,), x, 100, BLOCK=64)
-    assert [e[0] for e in fake.log] == ["run"] * 4 and not LA._KERNELS
+    assert [e[0] for e in fake.log] == ["run"] * 6 and not LA._KERNELS
 
 
 def test_a_launch_hook_turns_the_fast_path_off(fake, monkeypatch):
