@@ -58,10 +58,18 @@ def cuda_ms(fn, calls: int, repeats: int = 1) -> float:
     return best
 
 
-def bench_graph_us(calls, reps: int = 20) -> float:
+BUSY_CYCLES = 200_000  # the spin kernel before each timed replay: ~0.1-0.2 ms at the H100's clocks
+
+
+def bench_graph_us(calls, reps: int = 20, busy: bool = True) -> float:
     """Median microseconds per call of `calls` (a list of thunks) replayed back to back from one
     CUDA graph: no launch gaps, as in graph-captured decoding. Give calls on different inputs (more
-    bytes than L2 holds) so each call reads from HBM."""
+    bytes than L2 holds) so each call reads from HBM.
+
+    busy: a spin kernel (torch.cuda._sleep) runs before the start event, so the host has submitted
+    the graph before the clock starts. Without it, the start event fires on an idle GPU and the
+    graph's submission (~10 us on the H100 hosts: a graph of one empty kernel timed 11 us) lands in
+    the measure, i.e. ~2.5 us per call in a graph of 4 calls (benchmarks/RESULTS.md, session 12)."""
     import statistics
 
     import torch
@@ -81,6 +89,8 @@ def bench_graph_us(calls, reps: int = 20) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if busy:
+            torch.cuda._sleep(BUSY_CYCLES)
         start.record()
         graph.replay()
         end.record()

@@ -39,7 +39,9 @@ MAX_TOKENS = TC.MAX_TOKENS  # 8: the MMA's columns
 # ITEMS 8 read 1% under 10 at 3 and 8 tokens (220-222 / 311-314 us), 12 above. Other shapes lost there:
 # 3 uncapped programs per SM, 8 warps x 1 or 2 row tiles. The dense GEMV has too few items for this
 # (3584 on 14336x4096: one wave is 6.8 per program) and is best at one wave.
-DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8, FOUR=True, ALU=None, DP4A=None)  # see nf4_tc
+# SPLIT: the warps take consecutive spans of the same rows where K allows (see nf4_tc's GEMV and the kernel).
+DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, ITEMS=8, FOUR=True, ALU=None, DP4A=None,
+                      SPLIT=True)  # see nf4_tc
 
 
 def plan_size(E: int) -> int:
@@ -167,23 +169,28 @@ if TC.gluon is not None:
     def _moe_tc_kernel(x_ptr, table_ptr, plan_ptr, code2_ptr, pairs_ptr, out_ptr, zeros_ptr, P, N, K, E, X_WORDS,
                        ROW_DIV, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
                        FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, MATS: gl.constexpr, COLS: gl.constexpr,
-                       W: gl.constexpr, REP: gl.constexpr, PER_SEGMENT: gl.constexpr, num_warps: gl.constexpr):
+                       W: gl.constexpr, REP: gl.constexpr, PER_SEGMENT: gl.constexpr, SPLIT: gl.constexpr,
+                       num_warps: gl.constexpr):
         # out (MATS, P, N) fp32 += the routed experts' weights times their pairs' activation rows: row
         # x[pair // ROW_DIV] (X_WORDS int32 words apart). N % BN == 0 and K % 128 == 0 (the host checks).
         # PER_SEGMENT (multi_gemv: every token is a pair of every segment): out (R, P, N), by segment.
-        BN: gl.constexpr = REP * 16 * W
+        # SPLIT (K % (128 W) == 0): as in nf4_tc's GEMV, the warps hold the same 16 REP rows and an item
+        # is W consecutive spans, warp w taking the w-th (a program reads 64 W contiguous bytes per row).
+        BN: gl.constexpr = REP * 16 if SPLIT else REP * 16 * W
+        STEP: gl.constexpr = W if SPLIT else 1  # spans per item
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
         spans = K // 128
+        steps = spans // STEP  # items per row tile
         tiles = N // BN
         r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
         r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
         q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
-        row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
-        w_off = row_in_tile * (spans * 16) + q1
-        aq_off = row_in_tile * spans
+        row_in_tile, warp_span = TC.item_rows(r3, r2, W, SPLIT)  # (REP, 16W, 1), (1, 16W, 1)
+        w_off = row_in_tile * (spans * 16) + warp_span * 16 + q1
+        aq_off = row_in_tile * spans + warp_span
         # the pair whose activations this lane loads (its MMA column's), and the pairs of its accumulators
         col, tok = TC.mma_columns(r2, q1, FOUR)
-        x_col = 16 * (q1 // 4)  # its 16 words of the span
+        x_col = 16 * (q1 // 4) + warp_span * 64  # its 16 words of its span
         acc_col = q1 % 4 < 2
         pairs_of = plan_ptr + 1 + 2 * E  # (E, COLS)
 
@@ -191,34 +198,35 @@ if TC.gluon is not None:
         TC._fill_pair_table(pairs_ptr, W, FILL_TABLE)
         TC._fill_code2(code2_ptr, W, FILL_CODE2)
 
-        items = gl.load(plan_ptr) * (MATS * tiles * spans)  # R routed experts x MATS weights x tiles x spans
+        items = gl.load(plan_ptr) * (MATS * tiles * steps)  # R routed experts x MATS weights x tiles x steps
         per = gl.cdiv(items, gl.num_programs(0))
         start = gl.program_id(0) * per
         end = gl.minimum(start + per, items)
         first = gl.minimum(start, items - 1)
-        seg = first // (tiles * spans)
-        tile = (first - seg * (tiles * spans)) // spans
-        s = first - (seg * tiles + tile) * spans
+        seg = first // (tiles * steps)
+        tile = (first - seg * (tiles * steps)) // steps
+        s = first - (seg * tiles + tile) * steps  # the item's step: spans STEP s .. STEP s + STEP - 1
         e, wp, ap, a2p, off, x_row = _segment_state(seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS, COLS)
-        words, aq = _expert_item(wp, ap, tile, s, spans, w_off, aq_off, BN)
+        words, aq = _expert_item(wp, ap, tile, s * STEP, spans, w_off, aq_off, BN)
         TC._cta_barrier()
 
         acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
         for it in range(start, end):
-            n_seg, n_tile, n_s = _next_expert_item(it, seg, tile, s, end, tiles, spans)
+            n_seg, n_tile, n_s = _next_expert_item(it, seg, tile, s, end, tiles, steps)
             cur, cur_aq = words, aq
             cur_e, cur_a2p, cur_off, cur_row = e, a2p, off, x_row
             if n_seg != seg:  # a new segment (rare: a program meets 1-3): its state, for the prefetch
                 e, wp, ap, a2p, off, x_row = _segment_state(n_seg, table_ptr, plan_ptr, E, col, ROW_DIV, MATS, COLS)
-            words, aq = _expert_item(wp, ap, n_tile, n_s, spans, w_off, aq_off, BN)
+            words, aq = _expert_item(wp, ap, n_tile, n_s * STEP, spans, w_off, aq_off, BN)
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
-            a2 = gl.load(cur_a2p + ((aq_off + (tile * BN * spans + s)) >> 7))  # (row * spans + s) >> 7
-            x_words = x_ptr.to(gl.pointer_type(gl.int32)) + cur_row.to(gl.int64) * X_WORDS + x_col + s * 64
+            a2 = gl.load(cur_a2p + ((aq_off + (tile * BN * spans + s * STEP)) >> 7))  # (row * spans + span) >> 7
+            x_words = (x_ptr.to(gl.pointer_type(gl.int32)) + cur_row.to(gl.int64) * X_WORDS + x_col
+                       + s * (64 * STEP))
             acc = gl.inline_asm_elementwise(
                 ASM, CONSTRAINTS, [cur, TC.x_operand(x_words, q1, zeros_ptr, FOUR), cur_aq.to(gl.int32), a2, cur_off,
                                    acc],
                 gl.float32, is_pure=True, pack=8)
-            flush = (s == spans - 1) | (it == end - 1)
+            flush = (s == steps - 1) | (it == end - 1)
             if flush:  # this program's share of the (expert, weight, tile) is done
                 n_pairs = gl.load(plan_ptr + 1 + E + cur_e)
                 pair = gl.load(pairs_of + cur_e * COLS + tok)  # (1, 1, 16)
@@ -261,14 +269,15 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
             columns=MAX_TOKENS):
     """One _moe_tc_kernel launch; `active`: the most segments' slots the plan can fill (default: every
     pair on its own expert); `columns`: the most pairs a segment can have (the four-column PTX for <= 4)."""
-    bn = meta["REP"] * 16 * meta["W"]
+    bn = meta["REP"] * 16 * meta["W"]  # an item is 8 KB either way: bn rows x 1 span, or bn / W rows x W spans
     max_items = (min(P, E) if active is None else active) * mats * (N // bn) * (K // 128)
     programs = programs_for(c, _num_sms(x_rows.device), max_items)
+    split = bool(c.get("SPLIT")) and (K // 128) % meta["W"] == 0
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, TC.zero_words(x_rows.device),
         P, N, K, E, x_rows.stride(0) // 2, row_div,
         **TC.kernel_constexprs(x_rows.dtype, c["ALU"], TC.takes_four(columns, c), c["DP4A"]), MATS=mats,
-        COLS=MAX_TOKENS, PER_SEGMENT=per_segment, **meta)
+        COLS=MAX_TOKENS, PER_SEGMENT=per_segment, SPLIT=split, **meta)
     TC.check_shared(compiled, "moe_tc")
 
 

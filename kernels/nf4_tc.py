@@ -24,14 +24,18 @@ does not grow with the token count:
 Layout: a program has W warps of 16 rows times REP row tiles; lane 4g + t holds words 4t..4t+3 of
 rows g and g + 8W of its warp (BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1]) over (REP, 16 W, 16)
 words), which are the rows of its MMA fragments; the PTX takes one row tile at a time (pack=8).
-Work: (row tile, span) items shared evenly by one wave of programs (stream-K); a program walks its
+With SPLIT (the default where the spans divide by W), the W warps hold the same 16 REP rows instead
+(lane 4g + t: rows g and g + 8 of each row tile) and an item is W consecutive spans, warp w taking
+the w-th: a program then reads 64 W contiguous bytes of each row at once, which the DRAM serves
+faster than 64 bytes of each of 16 W REP rows (benchmarks/NOTES.md, session 12).
+Work: (row tile, span(s)) items shared evenly by one wave of programs (stream-K); a program walks its
 items as one stream, loading the next item's words while it computes this one's, and adds each
 tile's sums into an fp32 buffer with atomics; one more launch casts the sums to x's dtype and
 leaves the buffer at zero for the next call (`resident_sums`). Both launch with programmatic
 dependent launch (kernels/pdl.py) on sm_90: the GEMV's launch, table fill and first weight loads
 (EARLY) overlap the previous kernel, and it waits for that kernel before reading x or the sums
-buffer. The PTX reads x itself (every warp
-reads the same span: L1 hits), so no copy of x waits in registers. The PTX owns its tables at
+buffer. The PTX reads x itself (the warps read the same span, or with SPLIT W neighbouring ones: L1
+hits after the first), so no copy of x waits in registers. The PTX owns its tables at
 offset 0 of the kernel's shared memory (`global_smem`); two Gluon allocations reserve the space, and
 the launcher refuses a build whose shared memory is anything but those bytes.
 
@@ -295,6 +299,17 @@ if gluon is not None:
         return col, tok
 
     @gluon.jit
+    def item_rows(r3, r2, W: gl.constexpr, SPLIT: gl.constexpr):
+        """(row in the item's tile (REP, 16W, 1), span offset of the thread's warp) for positions r3, r2
+        of the (REP, 16 W, 16) item layout: thread (g, t) of warp w holds positions 8 w + g and
+        8 w + g + 8 W. Plain: they are rows of the warp's own 16, every warp on the item's one span.
+        SPLIT: they are rows g and g + 8 of a 16-row tile that all warps share, and warp w takes span w
+        of the item's W."""
+        if SPLIT:
+            return r3 * 16 + r2 % 8 + 8 * (r2 // (8 * W)), (r2 // 8) % W
+        return r3 * (16 * W) + r2, r2 * 0
+
+    @gluon.jit
     def x_operand(x_at, q1, zeros_ptr, FOUR: gl.constexpr):
         """The x addresses the PTX takes (int64). FOUR: zeros_ptr (64 zero bytes) goes in as the second
         address of each 8-element pack (q1 % 4 == 1: a constant per register), which the other group's
@@ -304,15 +319,16 @@ if gluon is not None:
         return x_at.to(gl.int64)
 
     @gluon.jit
-    def _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N,
+    def _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, warp_span, N,
                        BN: gl.constexpr, EVEN_N: gl.constexpr):
-        """The item (row tile, span)'s words (REP, 16W, 16) and both groups' absmax codes per row."""
+        """The item (row tile, span s)'s words (REP, 16W, 16) and both groups' absmax codes per row;
+        with SPLIT, warp w reads span s + w (warp_span; w_off and aq_off include it)."""
         if EVEN_N:  # every row of the tile exists: a scalar base plus fixed per-thread offsets
             base = (tile * BN).to(gl.int64) * spans + s
             words = gl.load(w_words + base * 16 + w_off)
             aq = gl.load(aq_codes + base + aq_off)
         else:  # rows past N read row N - 1 (in bounds); the output drops them
-            rows = gl.minimum(tile * BN + row_in_tile, N - 1).to(gl.int64) * spans + s
+            rows = gl.minimum(tile * BN + row_in_tile, N - 1).to(gl.int64) * spans + s + warp_span
             words = gl.load(w_words + rows * 16 + (w_off % 16))
             aq = gl.load(aq_codes + rows)
         return words, aq
@@ -360,34 +376,41 @@ if gluon is not None:
                        ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, FILL_TABLE: gl.constexpr,
                        FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, GDC_WAIT: gl.constexpr, GDC_LAUNCH: gl.constexpr,
                        W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr, PDL: gl.constexpr,
-                       EARLY: gl.constexpr, num_warps: gl.constexpr):
+                       EARLY: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         # Work: items (row tile of BN rows, span of 2 quant groups = 128 columns), tile-major; program p
         # takes items p * ITEMS_PER_PROGRAM ... as one stream (stream-K over one wave of programs), its
         # loads one item ahead across row tiles; at the last item of a tile (or of its stream) it adds
         # that tile's sums into y.
-        BN: gl.constexpr = REP * 16 * W
-        # (REP, 16 W, 16) int32: the words of one span of BN rows; thread (g, t) holds words 4t..4t+3
-        # (16 bytes) of rows g and g + 8 W of its warp's rows, in each row tile
+        # SPLIT: the W warps hold the same BN = 16 REP rows and an item is W consecutive spans, warp w
+        # taking the w-th: a program reads 64 W contiguous bytes of each row at once (a better DRAM
+        # pattern than 64 bytes of 16 W REP rows), and the W warps add into the same rows at a flush.
+        BN: gl.constexpr = REP * 16 if SPLIT else REP * 16 * W
+        STEP: gl.constexpr = W if SPLIT else 1  # spans per item
+        # (REP, 16 W, 16) int32: the words of one item; thread (g, t) of warp w holds words 4t..4t+3
+        # (16 bytes) of its rows g and g + 8 (positions 8 w + g and 8 w + g + 8 W), in each row tile
         L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [1, W, 1], [2, 1, 0])
         spans = K // 128
+        steps = spans // STEP  # items per row tile
         r3 = gl.arange(0, REP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
         r2 = gl.arange(0, 16 * W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
         q1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
-        row_in_tile = r3 * (16 * W) + r2  # (REP, 16W, 1)
+        row_in_tile, warp_span = item_rows(r3, r2, W, SPLIT)
         w_words = w_ptr.to(gl.pointer_type(gl.int32))
-        w_off = row_in_tile * (spans * 16) + q1  # int32: a tile's words (the launcher: N * K / 64 < 2**31)
+        # int32: a tile's words (the launcher: N * K / 64 < 2**31)
+        w_off = row_in_tile * (spans * 16) + warp_span * 16 + q1
         aq_codes = absmax_ptr.to(gl.pointer_type(gl.int16))  # both groups' codes of a span, one load
-        aq_off = row_in_tile * spans
+        aq_off = row_in_tile * spans + warp_span
         # x of thread (g, t): the token of its MMA column (mma_columns), elements 32 t .. 32 t + 31 of the
         # span (64 bytes, read by the PTX); tokens >= M read token M - 1, whose columns are dropped at the end
         token, tok = mma_columns(r2, q1, FOUR)
-        x_words = x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
+        x_words = (x_ptr.to(gl.pointer_type(gl.int32)) + gl.minimum(token, M - 1) * (K // 2) + 16 * (q1 // 4)
+                   + warp_span * 64)
         y_tok = (q1 % 4 < 2) & (tok < M)
 
         start = gl.program_id(0) * ITEMS_PER_PROGRAM
-        end = gl.minimum(start + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * spans)
-        tile = start // spans  # the current item's row tile and span
-        s = start - tile * spans
+        end = gl.minimum(start + ITEMS_PER_PROGRAM, gl.cdiv(N, BN) * steps)
+        tile = start // steps  # the current item's row tile and step (its first span: STEP * s)
+        s = start - tile * steps
 
         res_table, res_code2 = _reserve_tables(W)
         if PDL:
@@ -403,15 +426,15 @@ if gluon is not None:
             # before that one started. A kernel that writes weights and lets dependents start early would
             # have to wait first.
             if EARLY:
-                words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
-                                           EVEN_N)
+                words, aq = _item_operands(tile, s * STEP, spans, w_words, w_off, aq_codes, aq_off, row_in_tile,
+                                           warp_span, N, BN, EVEN_N)
             gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
             if not EARLY:
-                words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
-                                           EVEN_N)
+                words, aq = _item_operands(tile, s * STEP, spans, w_words, w_off, aq_codes, aq_off, row_in_tile,
+                                           warp_span, N, BN, EVEN_N)
         else:  # the first item's loads are issued before the table fill: their DRAM latency overlaps it
-            words, aq = _item_operands(tile, s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
-                                       EVEN_N)
+            words, aq = _item_operands(tile, s * STEP, spans, w_words, w_off, aq_codes, aq_off, row_in_tile,
+                                       warp_span, N, BN, EVEN_N)
             _fill_pair_table(pairs_ptr, W, FILL_TABLE)
         off = gl.load(offset_ptr)
         _fill_code2(code2_ptr, W, FILL_CODE2)
@@ -420,21 +443,21 @@ if gluon is not None:
         acc = gl.zeros([REP, 16 * W, 16], gl.float32, L)
         for it in range(start, end):
             # the next item's words and codes are loaded before this item's math (its own on the last)
-            n_tile, n_s = _next_item(it, tile, s, end, spans)
+            n_tile, n_s = _next_item(it, tile, s, end, steps)
             cur, cur_aq = words, aq
-            words, aq = _item_operands(n_tile, n_s, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, N, BN,
-                                       EVEN_N)
+            words, aq = _item_operands(n_tile, n_s * STEP, spans, w_words, w_off, aq_codes, aq_off, row_in_tile,
+                                       warp_span, N, BN, EVEN_N)
             rows = tile * BN + row_in_tile  # (REP, 16W, 1)
             # one absmax2 for both groups (even blocks); rows past N read row N - 1's
-            if EVEN_N:  # (row * spans + s) >> 7 with the per-thread part (aq_off) kept out of the loop
-                a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + s)) >> 7))
+            if EVEN_N:  # (row * spans + span) >> 7 with the per-thread part (aq_off) kept out of the loop
+                a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + s * STEP)) >> 7))
             else:
-                a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s) >> 7))
+                a2 = gl.load(absmax2_ptr + ((gl.minimum(rows, N - 1) * spans + s * STEP + warp_span) >> 7))
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_operand(x_words + s * 64, q1, zeros_ptr, FOUR), cur_aq.to(gl.int32), a2,
-                                   off, acc],
+                ASM, CONSTRAINTS, [cur, x_operand(x_words + s * (64 * STEP), q1, zeros_ptr, FOUR), cur_aq.to(gl.int32),
+                                   a2, off, acc],
                 gl.float32, is_pure=True, pack=8)
-            flush = (s == spans - 1) | (it == end - 1)
+            flush = (s == steps - 1) | (it == end - 1)
             if flush:  # this program's share of the tile is done: fp32 atomics into the zeroed sums
                 # (FOUR: both groups' lanes add theirs)
                 gl.atomic_add(y_ptr + tok * N + rows, acc, mask=(rows < N) & y_tok, sem="relaxed")
@@ -456,8 +479,10 @@ if gluon is not None:
 # FOUR: at most 4 tokens take the four-column PTX (half the MMAs, see _asm). ALU / DP4A: register lookups
 # (_alu_pair) / dp4a lookup addresses, None = LOOKUP_ALU / DP4A_LOOKUP
 # EARLY: the first item's weights loaded before the PDL wait (see the kernel).
+# SPLIT: the warps of a program take consecutive spans of the same rows where the spans divide by W (14.57 vs
+# 15.70 us at M=1 on 14336x4096, 14.89 vs 16.35 on 4096x14336; H100, session 12; within +-0.3 us elsewhere).
 DEFAULT_CONFIG = dict(W=4, REP=2, WAVES=4, MAXNREG=128, RESIDENT=True, PDL=True, FOUR=True, ALU=None, DP4A=None,
-                      EARLY=True)
+                      EARLY=True, SPLIT=True)
 _RESIDENT: dict = {}  # (device, stream, elements) -> fp32 sums buffer the cast kernel leaves at zero
 _ZEROS: dict = {}  # device -> 64 zero bytes, never written: the x that four-column lanes of the other group read
 
@@ -532,11 +557,13 @@ def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int
     """(programs, items per program, constexprs): one wave of WAVES programs per SM sharing the
     (row tile, span) items evenly."""
     c = dict(DEFAULT_CONFIG, **(config or {}))
-    bn = c["REP"] * 16 * c["W"]
-    items = triton.cdiv(N, bn) * (K // (2 * BLOCKSIZE))
+    spans = K // (2 * BLOCKSIZE)
+    split = bool(c["SPLIT"]) and spans % c["W"] == 0  # warps split an item's spans (see the kernel)
+    bn = c["REP"] * 16 * (1 if split else c["W"])
+    items = triton.cdiv(N, bn) * (spans // (c["W"] if split else 1))
     per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
     meta = dict(W=c["W"], REP=c["REP"], EVEN_N=N % bn == 0, PDL=bool(c["PDL"]), EARLY=bool(c["EARLY"]),
-                num_warps=c["W"])
+                SPLIT=split, num_warps=c["W"])
     if c.get("MAXNREG"):  # ptxas register cap: more programs per SM, at the price of spills
         meta["maxnreg"] = c["MAXNREG"]
     return triton.cdiv(items, per_program), per_program, meta

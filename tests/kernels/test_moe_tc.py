@@ -86,9 +86,10 @@ _BUILD = textwrap.dedent(r'''
                zeros_ptr="*i32", P="i32", N="i32", K="i32", E="i32", X_WORDS="i32", ROW_DIV="i32")
     pointers = [n for n in sig if n.endswith("ptr")]
     for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-        for mats, per_segment, four in ((2, False, True), (2, False, False), (1, True, True)):
+        for mats, per_segment, four, split in ((2, False, True, True), (2, False, False, False), (1, True, True, False),
+                                               (1, True, False, True)):
             consts = dict(TC.kernel_constexprs(dtype, None, four), MATS=mats, COLS=8, W=4, REP=2,
-                          PER_SEGMENT=per_segment, num_warps=4)
+                          PER_SEGMENT=per_segment, SPLIT=split, num_warps=4)
             k, u = sm90_compile(M._moe_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=4, maxnreg=128)
             print("RESULT", mats, int(four), k.metadata.shared, u["REG"], u["LOOP_SPILLS"], u["LOCAL"],
                   k.asm["ptx"].count("mma.sync"))
@@ -99,7 +100,7 @@ def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
     out = run_child(_BUILD)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for mats, four, shared, reg, loop_spills, local, n_mma in rows:
         assert int(shared) == TC.SHARED_BYTES  # the PTX reads its tables at offset 0: nothing else there
         # 4 programs per SM, and no spills in the loop (the four-column build at the 128-register cap
@@ -187,7 +188,7 @@ if torch.cuda.is_available() and M.supported(torch.zeros(1, 128, dtype=torch.bfl
             g = torch.Generator().manual_seed(i)
             x = torch.randn(T, C, generator=g).to("cuda", dtype)
             wt = torch.softmax(torch.randn(T, k, generator=g), -1).to("cuda", dtype)
-            for config in (None, dict(WAVES=1), dict(REP=1)):
+            for config in (None, dict(WAVES=1), dict(REP=1), dict(SPLIT=not M.DEFAULT_CONFIG["SPLIT"])):
                 got = M.moe_decode_tc(x, wt, ids, w, config)
                 want = K.moe_decode_reference(x, wt, ids, w)
                 assert got.dtype == dtype and got.shape == (T, C)

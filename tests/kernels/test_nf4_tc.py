@@ -314,11 +314,11 @@ sig = dict(x_ptr="*bf16", w_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", co
 pointers = [n for n in sig if n.endswith("ptr")]
 for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
     # (the last build: no register lookups, prmt + mad addresses)
-    for W, REP, cap, even, pdl, four, alu, dp4a in (
-            (4, 2, 128, True, True, True, None, None), (4, 2, 128, True, True, False, None, None),
-            (4, 2, 128, False, False, True, 3, True), (8, 1, None, True, False, False, 0, False)):
+    for W, REP, cap, even, pdl, four, alu, dp4a, split in (
+            (4, 2, 128, True, True, True, None, None, True), (4, 2, 128, True, True, False, None, None, False),
+            (4, 2, 128, False, False, True, 3, True, True), (8, 1, None, True, False, False, 0, False, False)):
         consts = dict(T.kernel_constexprs(dtype, alu, four, dp4a), **T.PDL_PTX, W=W, REP=REP, EVEN_N=even, PDL=pdl,
-                      EARLY=pdl, num_warps=W)
+                      EARLY=pdl, SPLIT=split, num_warps=W)
         k, u = sm90_compile(T._nf4_tc_kernel, dict(sig, x_ptr=ty), consts, pointers, num_warps=W, maxnreg=cap)
         print("RESULT", W, REP, int(pdl), int(four), k.metadata.shared, u["REG"], u["STACK"], u["LOCAL"],
               "mma" in k.asm["ptx"], k.asm["ptx"].count("mma.sync"), k.asm["ptx"].count("griddepcontrol."))
@@ -339,12 +339,16 @@ def test_kernel_builds_for_sm90_with_only_its_tables_in_shared_memory():
 
 
 def test_plan_balances_items_in_one_wave():
-    programs, per, meta = T.plan(14336, 4096, 132)
-    items = (14336 // 128) * 32
-    assert programs <= 4 * 132 and programs * per >= items and (programs - 1) * per < items
-    assert meta == dict(W=4, REP=2, EVEN_N=True, PDL=T.DEFAULT_CONFIG["PDL"], EARLY=T.DEFAULT_CONFIG["EARLY"],
-                        num_warps=4, maxnreg=128)
+    for split in (True, False):
+        programs, per, meta = T.plan(14336, 4096, 132, dict(SPLIT=split))
+        items = (14336 // 128) * 32  # either way an item is 8 KB: 128 rows x 1 span, or 32 rows x 4 spans
+        assert programs <= 4 * 132 and programs * per >= items and (programs - 1) * per < items
+        assert meta == dict(W=4, REP=2, EVEN_N=True, PDL=T.DEFAULT_CONFIG["PDL"], EARLY=T.DEFAULT_CONFIG["EARLY"],
+                            SPLIT=split, num_warps=4, maxnreg=128)
+    assert T.plan(14336, 4096, 132)[2]["SPLIT"] == T.DEFAULT_CONFIG["SPLIT"]
     assert not T.plan(14336 - 3, 4096, 132)[2]["EVEN_N"]  # rows past N in the last tile
+    assert T.plan(14336 - 32, 4096, 132, dict(SPLIT=True))[2]["EVEN_N"]  # split tiles are 32 rows
+    assert not T.plan(14336, 640, 132, dict(SPLIT=True))[2]["SPLIT"]  # 5 spans do not split over 4 warps
     assert "maxnreg" not in T.plan(14336, 4096, 132, dict(MAXNREG=None))[2]
     programs, per, _ = T.plan(16, 128, 132)  # fewer items than programs: one item each
     assert (programs, per) == (1, 1)
@@ -398,14 +402,17 @@ def test_cpu_input_is_refused_with_a_clear_error():
 if torch.cuda.is_available():  # the kernel itself: GPU only (Gluon has no interpreter)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    @pytest.mark.parametrize("n,k", [(48, 128), (33, 256), (1000, 640), (200, 384), (4096, 4096)])
+    @pytest.mark.parametrize("n,k", [(48, 128), (33, 256), (1000, 640), (200, 384), (4096, 4096), (1000, 2048),
+                                     (37, 512)])
     def test_kernel_matches_reference(n, k, dtype):
         for m in (1, 2, 3, 5, 8):
             q, x = _case(n, k, m, dtype, seed=m)
             q, x = q.to("cuda"), x.to("cuda")
             want = K.nf4_matmul_reference(x, q)
             for config in (None, dict(WAVES=1), dict(W=8, REP=1), dict(WAVES=16), dict(W=4, REP=1, MAXNREG=96),
-                           dict(RESIDENT=False), dict(PDL=not T.DEFAULT_CONFIG["PDL"])):
+                           dict(RESIDENT=False), dict(PDL=not T.DEFAULT_CONFIG["PDL"]),
+                           dict(SPLIT=not T.DEFAULT_CONFIG["SPLIT"]), dict(SPLIT=True, W=8, REP=1, MAXNREG=None),
+                           dict(SPLIT=True, W=2, WAVES=1)):
                 got = T.nf4_gemv_tc(x, q, config)
                 assert got.dtype == dtype and got.shape == (m, n)
                 assert _rel(got, want) < 2e-2, config
