@@ -15,6 +15,9 @@ slower on every Mixtral shape at M=1: 18.7-21.6 us against 15.9 on 14336x4096. A
 64 bytes per row per step (the stretch is contiguous over time, not within one wave of requests,
 which is what the pure-load kernel measured), tiles of 16 REP rows give 1.7 (REP 1) or 0.85
 (REP 2) tiles per program slot, and REP 1 halves the bytes each warp has in flight.
+INTERLEAVE (warp w takes spans w, W + w, 2 W + w, ...: each step reads 64 W contiguous bytes per row,
+the pattern that made kernels/nf4_tc.py's SPLIT 1.1 us faster) did not rescue it: 18.6-23.3 us against
+14.8 for nf4_gemv_tc with SPLIT (same call). Owning whole tiles, not the DRAM pattern, is what loses.
 
 Usage (GPU): python3 benchmarks/prototypes/nf4_tc_rows.py  (correctness, then an A/B against
 nf4_gemv_tc; writes nf4_tc_rows.json into $OUT or /tmp)
@@ -79,7 +82,8 @@ if gluon is not None:
                             FILL_CODE2: gl.constexpr, FOUR: gl.constexpr, GDC_WAIT: gl.constexpr,
                             GDC_LAUNCH: gl.constexpr, RED_STORE: gl.constexpr, RED_LOAD: gl.constexpr,
                             RED_OFF: gl.constexpr, W: gl.constexpr, REP: gl.constexpr, EVEN_N: gl.constexpr,
-                            PDL: gl.constexpr, EARLY: gl.constexpr, num_warps: gl.constexpr):
+                            PDL: gl.constexpr, EARLY: gl.constexpr, INTERLEAVE: gl.constexpr,
+                            num_warps: gl.constexpr):
         # Row-complete: a program owns whole row tiles of BN = 16 REP rows (tiles pid, pid + programs,
         # ...); its W warps hold the same rows and split K, warp w taking spans w SPW .. (w + 1) SPW - 1,
         # so each warp streams 64 SPW contiguous bytes of every row. At a tile's end the warps' sums
@@ -97,7 +101,8 @@ if gluon is not None:
         # every warp's row tile, which here are the same rows for all warps
         warp = (r2 // 8) % W
         row_in_tile = r3 * 16 + r2 % 8 + 8 * (r2 // (8 * W))  # (REP, 16W, 1) in [0, BN)
-        span0 = warp * SPW
+        JS: gl.constexpr = W if INTERLEAVE else 1  # span stride of a warp's steps
+        span0 = warp if INTERLEAVE else warp * SPW  # INTERLEAVE: step j of warp w is span j W + w
         w_words = w_ptr.to(gl.pointer_type(gl.int32))
         w_off = row_in_tile * (spans * 16) + span0 * 16 + q1
         aq_codes = absmax_ptr.to(gl.pointer_type(gl.int16))
@@ -128,14 +133,14 @@ if gluon is not None:
             gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
             _fill_pair_table(pairs_ptr, W, FILL_TABLE)
             if EARLY:
-                words, aq = _rows_operands(tile, j, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
+                words, aq = _rows_operands(tile, j * JS, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
                                            BN, EVEN_N)
             gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [gl.program_id(0)], gl.int32, is_pure=False, pack=1)
             if not EARLY:
-                words, aq = _rows_operands(tile, j, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
+                words, aq = _rows_operands(tile, j * JS, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
                                            BN, EVEN_N)
         else:
-            words, aq = _rows_operands(tile, j, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
+            words, aq = _rows_operands(tile, j * JS, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
                                        BN, EVEN_N)
             _fill_pair_table(pairs_ptr, W, FILL_TABLE)
         off = gl.load(offset_ptr)
@@ -151,15 +156,15 @@ if gluon is not None:
             n_j = j + step - wrap * SPW
             n_tile = tile + wrap * programs
             cur, cur_aq = words, aq
-            words, aq = _rows_operands(n_tile, n_j, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
+            words, aq = _rows_operands(n_tile, n_j * JS, spans, w_words, w_off, aq_codes, aq_off, row_in_tile, span0, N,
                                        BN, EVEN_N)
             if EVEN_N:
-                a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + j)) >> 7))
+                a2 = gl.load(absmax2_ptr + ((aq_off + (tile * BN * spans + j * JS)) >> 7))
             else:
-                a2 = gl.load(absmax2_ptr + ((gl.minimum(tile * BN + row_in_tile, N - 1) * spans + span0 + j) >> 7))
+                a2 = gl.load(absmax2_ptr + ((gl.minimum(tile * BN + row_in_tile, N - 1) * spans + span0 + j * JS) >> 7))
             acc = gl.inline_asm_elementwise(
-                ASM, CONSTRAINTS, [cur, x_operand(x_words + j * 64, q1, zeros_ptr, FOUR), cur_aq.to(gl.int32), a2,
-                                   off, acc],
+                ASM, CONSTRAINTS, [cur, x_operand(x_words + j * (64 * JS), q1, zeros_ptr, FOUR), cur_aq.to(gl.int32),
+                                   a2, off, acc],
                 gl.float32, is_pure=True, pack=8)
             if last:  # the tile's K is done: the warps' (and groups') sums meet in shared memory
                 base = RED_OFF + buf * BUF
@@ -187,7 +192,8 @@ def rows_plan(N: int, sms: int, c: dict) -> tuple[int, dict]:
     W, REP = c["W"], c.get("ROWS_REP") or c["REP"]
     tiles = triton.cdiv(N, 16 * REP)
     programs = tiles if not c.get("ROWS_PROGRAMS") else min(tiles, c["ROWS_PROGRAMS"] * sms)
-    meta = dict(W=W, REP=REP, EVEN_N=N % (16 * REP) == 0, PDL=bool(c["PDL"]), EARLY=bool(c["EARLY"]), num_warps=W)
+    meta = dict(W=W, REP=REP, EVEN_N=N % (16 * REP) == 0, PDL=bool(c["PDL"]), EARLY=bool(c["EARLY"]),
+                INTERLEAVE=bool(c.get("INTERLEAVE")), num_warps=W)
     if c.get("MAXNREG"):
         meta["maxnreg"] = c["MAXNREG"]
     return programs, meta
@@ -225,7 +231,10 @@ def gemv_rows(x: torch.Tensor, q: NF4Tensor, config: dict | None = None) -> torc
 
 
 CONFIGS = {"rows2": {}, "rows1": {"ROWS_REP": 1}, "rows_w8": {"W": 8, "ROWS_REP": 1},
-           "rows2_p4": {"ROWS_PROGRAMS": 4}, "rows1_p4": {"ROWS_REP": 1, "ROWS_PROGRAMS": 4}}
+           "rows2_p4": {"ROWS_PROGRAMS": 4}, "rows1_p4": {"ROWS_REP": 1, "ROWS_PROGRAMS": 4},
+           "ileave2": {"INTERLEAVE": True}, "ileave1": {"INTERLEAVE": True, "ROWS_REP": 1},
+           "ileave1_p4": {"INTERLEAVE": True, "ROWS_REP": 1, "ROWS_PROGRAMS": 4},
+           "ileave_w8": {"INTERLEAVE": True, "W": 8, "ROWS_REP": 1}}
 
 
 def main():
