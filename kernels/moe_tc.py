@@ -272,7 +272,7 @@ def _launch(x_rows, table, plan, code2, out, P, N, K, E, row_div, mats, meta, c,
     bn = meta["REP"] * 16 * meta["W"]  # an item is 8 KB either way: bn rows x 1 span, or bn / W rows x W spans
     max_items = (min(P, E) if active is None else active) * mats * (N // bn) * (K // 128)
     programs = programs_for(c, _num_sms(x_rows.device), max_items)
-    split = bool(c.get("SPLIT")) and (K // 128) % meta["W"] == 0
+    split = TC.takes_split(K, c)
     compiled = _moe_tc_kernel[(programs,)](
         x_rows, table, plan, code2, nf4_half_pairs(str(x_rows.device), x_rows.dtype), out, TC.zero_words(x_rows.device),
         P, N, K, E, x_rows.stride(0) // 2, row_div,

@@ -553,12 +553,18 @@ def preferred(x: torch.Tensor, q: NF4Tensor) -> bool:
             and cuda_capability(x.device) == (9, 0))
 
 
+def takes_split(K: int, config: dict) -> bool:
+    """Whether a launch over K columns takes the SPLIT item layout (config SPLIT, and K's spans divide
+    among the config's W warps); the rule of this GEMV and of kernels/moe_tc.py's kernel."""
+    return bool(config.get("SPLIT")) and (K // (2 * BLOCKSIZE)) % config["W"] == 0
+
+
 def plan(N: int, K: int, sms: int, config: dict | None = None) -> tuple[int, int, dict]:
     """(programs, items per program, constexprs): one wave of WAVES programs per SM sharing the
     (row tile, span) items evenly."""
     c = dict(DEFAULT_CONFIG, **(config or {}))
     spans = K // (2 * BLOCKSIZE)
-    split = bool(c["SPLIT"]) and spans % c["W"] == 0  # warps split an item's spans (see the kernel)
+    split = takes_split(K, c)
     bn = c["REP"] * 16 * (1 if split else c["W"])
     items = triton.cdiv(N, bn) * (spans // (c["W"] if split else 1))
     per_program = triton.cdiv(items, min(items, c["WAVES"] * sms))
