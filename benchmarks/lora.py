@@ -75,6 +75,7 @@ CANDIDATES = {
     "cublas_dy_cublas": ("gemm", L.GemmOptions(dy="cublas")),  # g and dB as two cuBLAS matmuls (deterministic)
     "cublas_base_first": ("gemm", L.GemmOptions(adapter_first=False)),  # Y += xa B^T, dX += T afterwards
     "cublas_torch_mask": ("gemm", L.GemmOptions(adapter="torch_mask")),  # no Triton in the adapter
+    "cublas_y_cublas": ("gemm", L.GemmOptions(y_in_down=False)),  # Y = xa B^T by cuBLAS after the Triton launch
 }
 BREAKDOWN_STEPS = ("bf16 base", "nf4 base", "engine", "plain", "peer")
 BREAKDOWN_SHAPES = ("q/o 4096->4096", "k/v 4096->1024")
@@ -470,6 +471,8 @@ def _gemm_pieces(case, down_config=None, adx_config=None, dy_config=None):
             x2, a, keys, p, sc, down_config, b=b, workspace=ws),
         "gemm: down + B cast + accumulators zeroed + dequant W (Triton)": lambda: L._launch_adapter_down(
             x2, a, keys, p, sc, down_config, b=b, workspace=ws, nf4=base.weight if base.is_nf4 else None),
+        "gemm: down + B cast + accumulators zeroed + dequant W + Y = xa B^T (Triton)": lambda: L._launch_adapter_down(
+            x2, a, keys, p, sc, down_config, b=b, workspace=ws, nf4=base.weight if base.is_nf4 else None, y=y),
         "gemm: Y = xa B^T (cuBLAS, K=r)": lambda: torch.mm(xa, b16.t()),
         "gemm: Y += x W^T (cuBLAS beta=1)": lambda: y.addmm_(x2, w.t()),
         "gemm: Y = x W^T (cuBLAS, no C)": lambda: F.linear(x2, w),

@@ -369,7 +369,7 @@ def _lora_dx_kernel(
             seg, w0, am0, am20, c20, off0, qm0, w1, am1, am21, c21, off1, qm1, w2, am2, am22, c22, off2, qm2)
         N = _pick(seg, N0, N1, N2)
         dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * N
-        for n_start in range(0, N, BLOCK_N):
+        for n_start in tl.range(0, N, BLOCK_N, num_stages=1):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             dy = tl.load(dy_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
             w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
@@ -450,14 +450,37 @@ def _cast_and_zero(src_ptr, dst_ptr, n_cast, zero_ptr, n_zero, CHUNK: tl.constex
 
 
 @triton.jit
+def _adapter_up_rows(xa, offs_m, m_mask, b_ptr, bias_ptr, y_ptr, N, R, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """y[rows] = xa[rows] B^T (+ bias) over all N columns, from a row tile's finished xa (BM, BR)
+    in y's dtype; B (N, R) in any dtype (its fp32 master: cast in registers, rounded as the
+    launch's own cast of B rounds it), fp32 accumulation, one rounding to y's dtype. The GEMM path's
+    forward then adds x W^T into y with cuBLAS (beta = 1)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    y_rows = y_ptr + offs_m.to(tl.int64)[:, None] * N
+    for n_start in tl.range(0, N, BLOCK_N, num_stages=1):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :],
+                    mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0).to(xa.dtype)  # (BN, BR)
+        y = tl.dot(xa, tl.trans(b), input_precision=PRECISION)  # (BM, BN) fp32
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_rows + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _adapter_down_rows(
     x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
+    b_ptr, bias_ptr, y_ptr, N,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Program (row tile, K split): xa[rows] (+)= scale * (keep * x[rows, split]) A[:, split]^T.
     x keeps its dtype (16-bit MMAs, fp32 accumulation); A (fp32 master) is cast to it in
-    registers. The mask only selects elements; 1/(1-p) is folded into `scale`."""
+    registers. The mask only selects elements; 1/(1-p) is folded into `scale`. With WRITE_Y (one
+    K split), the row tile then writes its rows of y = xa B^T (+ bias) (`_adapter_up_rows`)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
@@ -480,7 +503,10 @@ def _adapter_down_rows(
     if ATOMIC:
         tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
     else:
-        tl.store(out, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+        xa = (acc * scale).to(xa_ptr.dtype.element_ty)
+        tl.store(out, xa, mask=m_mask[:, None] & r_mask[None, :])
+        if WRITE_Y:
+            _adapter_up_rows(xa, offs_m, m_mask, b_ptr, bias_ptr, y_ptr, N, R, BLOCK_N, BLOCK_R, HAS_BIAS, PRECISION)
 
 
 @triton.jit(do_not_specialize=["key1", "key2"])
@@ -488,16 +514,20 @@ def _adapter_down_kernel(
     x_ptr, a_ptr, xa_ptr, b_ptr, b_out_ptr, acc_ptr, M, K, R, stride_xm, k_per_split, scale,
     key1, key2, keep_thr, n_b, n_acc,
     q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, w_out_ptr, n_w, n_w_bytes, n_w_blocks,
+    bias_ptr, y_ptr, N,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
     DEQUANT: tl.constexpr, DEQ_BLOCKS: tl.constexpr, DEQ_EVEN: tl.constexpr,
+    WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     # The forward's Triton work in one launch (each launch costs the host tens of us, the GPU
     # almost nothing here): programs below cdiv(M, BLOCK_M) run `_adapter_down_rows` (the dropout
-    # keys are arguments, not a tensor); with DEQUANT, the programs after them dequantize the NF4
-    # base into w_out (`nf4_dequant_blocks`, the dequant kernel's body; both passes only stream
-    # memory, so they share the GPU well). All programs share the side jobs: B (n_b elements) cast
-    # to x's dtype into b_out, and the backward's fp32 accumulators (n_acc elements) zeroed.
+    # keys are arguments, not a tensor), and with WRITE_Y each row tile then writes its rows of
+    # y = xa B^T (+ bias) from B's master b_ptr (the forward's small GEMM, formerly a cuBLAS call);
+    # with DEQUANT, the programs after them dequantize the NF4 base into w_out
+    # (`nf4_dequant_blocks`, the dequant kernel's body; both passes only stream memory, so they
+    # share the GPU well). All programs share the side jobs: B (n_b elements) cast to x's dtype
+    # into b_out, and the backward's fp32 accumulators (n_acc elements) zeroed.
     _cast_and_zero(b_ptr, b_out_ptr, n_b, acc_ptr, n_acc, 1024)
     row_tiles = tl.cdiv(M, BLOCK_M)
     if DEQUANT:
@@ -506,10 +536,12 @@ def _adapter_down_kernel(
                                tl.program_id(0) - row_tiles, n_w, n_w_bytes, n_w_blocks, DEQ_BLOCKS, DEQ_EVEN)
         else:
             _adapter_down_rows(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
-                               BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION)
+                               b_ptr, bias_ptr, y_ptr, N, BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION,
+                               WRITE_Y, BLOCK_N, HAS_BIAS)
     else:
         _adapter_down_rows(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, k_per_split, scale, key1, key2, keep_thr,
-                           BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION)
+                           b_ptr, bias_ptr, y_ptr, N, BLOCK_M, BLOCK_K, BLOCK_R, DROPOUT, ATOMIC, PRECISION,
+                           WRITE_Y, BLOCK_N, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["key1", "key2"])
@@ -760,7 +792,7 @@ def _launch_da(x2, g, keys, p, r, S, config=None):
 # Tiles from sweeps at q/o, 5120 tokens. Down: H100, session 10, 37.9 us (BLOCK_M 32 x BLOCK_K 128:
 # 42.6). T + dA: H200, session 11, with one hash per column pair (`_keep_tile`): 16 x 256 38.0 us,
 # 16 x 128 43.7, 32 x 128 50.9, 64 x 128 (2 waves) 67.9.
-ADAPTER_DOWN_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=3)
+ADAPTER_DOWN_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, SPLIT_K=1, BLOCK_N=256, num_warps=4, num_stages=3)
 ADAPTER_DX_CONFIG = dict(BLOCK_M=16, BLOCK_K=256, WAVES=4, num_warps=4, num_stages=3)
 
 
@@ -773,19 +805,22 @@ def _scratch(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0, nf4=None):
+def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0, nf4=None, y=None, bias=None):
     """xa (M, r) in x2's dtype = scale * (keep * x2) A^T (the caller folds 1/(1-p) into scale).
 
     keys: one projection's key pair (`key_pair`'s forms; unused when p == 0). Other work of the
     same launch (`_adapter_down_kernel`), each saving a launch of its own: with `b` (N, r) given,
-    B in x2's dtype (b itself when it already has it); a zeroed fp32 workspace of `workspace`
-    elements (the backward's atomic accumulators: dA, and g and dB for the one-pass dY kernel);
-    with `nf4` (an NF4Tensor), W dequantized to x2's dtype.
+    B in x2's dtype (b itself when it already has it); with `y` (M, N) given too (contiguous, x2's
+    dtype; one K split), y = xa B^T (+ bias), written by the row tiles as soon as their xa is done;
+    a zeroed fp32 workspace of `workspace` elements (the backward's atomic accumulators: dA, and g
+    and dB for the one-pass dY kernel); with `nf4` (an NF4Tensor), W dequantized to x2's dtype.
     Returns (xa, B in x2's dtype or None, the workspace or None, W or None)."""
     M, K = x2.shape
     r = a.shape[0]
     c = dict(ADAPTER_DOWN_CONFIG, **(config or {}))
     split = max(1, min(c["SPLIT_K"], cdiv(K, c["BLOCK_K"])))
+    if y is not None and (b is None or split > 1):
+        raise ValueError("y = xa B^T needs b and one K split (SPLIT_K=1)")
     k_per_split = cdiv(cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
     atomic = split > 1
     dev = x2.device
@@ -807,10 +842,12 @@ def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0
         w = nf4.dequantize(x2.dtype)
     launch(
         _adapter_down_kernel, (grid0, split),
-        x2, a, xa, xa if n_b == 0 else b, xa if n_b == 0 else b_out, xa if acc is None else acc, M, K, r, x2.stride(0),
-        k_per_split, float(scale), k1, k2, keep_threshold(p), n_b, workspace, *q_args,
+        x2, a, xa, xa if b is None else b, xa if n_b == 0 else b_out, xa if acc is None else acc, M, K, r,
+        x2.stride(0), k_per_split, float(scale), k1, k2, keep_threshold(p), n_b, workspace, *q_args,
+        xa if bias is None else bias, xa if y is None else y, 0 if y is None else y.shape[1],
         BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_R=_block_r(r), DROPOUT=p > 0, ATOMIC=atomic,
-        PRECISION=_precision(x2.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"], **deq,
+        PRECISION=_precision(x2.dtype), WRITE_Y=y is not None, BLOCK_N=c["BLOCK_N"], HAS_BIAS=bias is not None,
+        num_warps=c["num_warps"], num_stages=c["num_stages"], **deq,
     )
     return xa.to(x2.dtype), b_out, acc, w
 
@@ -901,6 +938,10 @@ class GemmOptions:
                    (cuBLAS beta = 1); backward: the adapter kernel writes its dX share T first and
                    the dX GEMM accumulates into T. False: base GEMM first, then Y += xa B^T (one
                    more pass over Y) and dX += T (the adapter kernel reads and rewrites dX).
+    y_in_down      adapter "triton" with adapter_first: the forward's Triton launch writes
+                   Y = xa B^T (+ bias) from each row tile as soon as its xa is done, instead of a
+                   cuBLAS call after it (one call fewer; Y's write overlaps the other tiles' hashing).
+                   False: Y = xa B^T by cuBLAS.
     save_weight    True: keep the forward's dequantized W for the backward (one dequant per step
                    instead of two) for N x K x 2 bytes per layer held until its backward (under
                    activation checkpointing only from the recomputed forward to that layer's
@@ -913,6 +954,7 @@ class GemmOptions:
     adapter: str | None = None
     dy: str | None = None
     adapter_first: bool = True
+    y_in_down: bool = True
     save_weight: bool | None = None
 
 
@@ -951,10 +993,11 @@ class _GemmLoRAFunction(torch.autograd.Function):
     dtype once (xa, (M, r)), and dA / dB come back in fp32 (fp32 accumulators, never rounded to
     16 bits). In fp32 everything is fp32.
 
-    Forward, one Triton launch and two cuBLAS calls: xa = scale/(1-p) (keep*x) A^T (one pass over
-    x, the mask hashed, never stored), in the same launch W dequantized to a dense copy (NF4), B
-    cast to x's dtype and the backward's fp32 accumulators zeroed -> Y = xa B^T (+ bias) ->
-    Y += x W^T (cuBLAS with beta = 1: the adapter's share rides in the base GEMM's epilogue).
+    Forward, one Triton launch and one cuBLAS call: xa = scale/(1-p) (keep*x) A^T (one pass over
+    x, the mask hashed, never stored) and Y = xa B^T (+ bias) by each row tile once its xa is done;
+    in the same launch W dequantized to a dense copy (NF4), B cast to x's dtype and the backward's
+    fp32 accumulators zeroed -> Y += x W^T (cuBLAS with beta = 1: the adapter's share rides in the
+    base GEMM's epilogue).
     Saved: x, xa (M, r), B in x's dtype, the accumulators, the dropout keys (two ints), and W
     (see save_weight; else it is dequantized again).
     Backward, two Triton launches and one cuBLAS call: g = dY B (M, r) and dB = dY^T xa (fp32) in
@@ -976,13 +1019,21 @@ class _GemmLoRAFunction(torch.autograd.Function):
         down_scale = spec.scale * _inv_keep(spec.p)
         keep = None
         da_acc = g_acc = db_acc = None  # the backward's zeroed fp32 accumulators: dA (r, K), g (M, r), dB (N, r)
-        if impl == "triton":  # one launch: xa, B cast to x's dtype, the accumulators zeroed, W dequantized
+        bias = None if spec.base.bias is None else spec.base.bias.to(dtype)
+        # y in x's leading shape, filled through a 2-D view: the output is not itself a view (an
+        # autograd.Function's view outputs refuse in-place ops downstream).
+        y = x2.new_empty((*ctx.x_shape[:-1], b.shape[0]))
+        y2 = y.view(-1, b.shape[0])  # (M, N)
+        y_done = False  # y = xa B^T (+ bias) already written by the Triton launch
+        if impl == "triton":  # one launch: xa, y = xa B^T, B cast, the accumulators zeroed, W dequantized
             nf4 = spec.base.weight if spec.base.is_nf4 else None
             r, (M, K), N = a.shape[0], x2.shape, b.shape[0]
             shapes = [(r, K), (M, r), (N, r)] if _dy_impl(opt, x2) == "triton" else [(r, K)]
             sizes = [rows * cols for rows, cols in shapes]
+            y_done = opt.adapter_first and opt.y_in_down
             xa, b_c, acc, w = _launch_adapter_down(x2, a.contiguous(), spec.keys, spec.p, down_scale, b=b.contiguous(),
-                                                   workspace=sum(sizes), nf4=nf4)  # (M, r), (N, r)
+                                                   workspace=sum(sizes), nf4=nf4, y=y2 if y_done else None,
+                                                   bias=bias if y_done else None)  # (M, r), (N, r)
             views = [t.view(shape) for t, shape in zip(acc.split(sizes), shapes)]
             if len(views) == 3:
                 da_acc, g_acc, db_acc = views
@@ -1002,16 +1053,12 @@ class _GemmLoRAFunction(torch.autograd.Function):
                 xa = torch.mm(xk, (a * down_scale).to(dtype).t())
             b_c = b.to(dtype)  # (N, r)
         b_t = b_c.t()
-        bias = None if spec.base.bias is None else spec.base.bias.to(dtype)
-        # y in x's leading shape, filled through a 2-D view: the output is not itself a view (an
-        # autograd.Function's view outputs refuse in-place ops downstream).
-        y = x2.new_empty((*ctx.x_shape[:-1], b.shape[0]))
-        y2 = y.view(-1, b.shape[0])  # (M, N)
         first, second = ((xa, b_t), (x2, w.t())) if opt.adapter_first else ((x2, w.t()), (xa, b_t))
-        if bias is None:
-            torch.mm(*first, out=y2)
-        else:
-            torch.addmm(bias, *first, out=y2)
+        if not y_done:
+            if bias is None:
+                torch.mm(*first, out=y2)
+            else:
+                torch.addmm(bias, *first, out=y2)
         y2.addmm_(*second)
         ctx.spec = spec
         ctx.acc_fresh = True  # the zeroed accumulators serve one backward (retain_graph: later ones re-zero them)

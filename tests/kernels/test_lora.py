@@ -102,10 +102,12 @@ GEMM_VARIANTS = {
     "save_weight": GemmOptions(adapter="triton", save_weight=True),
     "dy_cublas": GemmOptions(adapter="triton", dy="cublas"),
     "dy_triton": GemmOptions(adapter="triton", dy="triton"),
+    "y_cublas": GemmOptions(adapter="triton", y_in_down=False),  # Y = xa B^T by cuBLAS, not the Triton launch
     "torch_mask": GemmOptions(adapter="torch_mask"),
 }
 GEMM_CASES = [(v, *case) for case in CASES for v in ("triton", "torch")] + \
-    [(v, *CASES[i]) for v in ("base_first", "dequant_twice", "save_weight", "dy_cublas", "dy_triton") for i in (1, 3, 4)]
+    [(v, *CASES[i]) for v in ("base_first", "dequant_twice", "save_weight", "dy_cublas", "dy_triton", "y_cublas")
+     for i in (1, 3, 4)]
 
 
 @pytest.mark.parametrize("variant,nf4,dtype,M,K,Ns,r,p,bias", GEMM_CASES)
@@ -192,6 +194,15 @@ def test_forward_launch_writes_every_output_of_its_jobs(monkeypatch, dtype, M, K
     assert b_out.dtype == dtype and torch.equal(b_out, b.to(dtype))
     assert da.dtype == torch.float32 and torch.equal(da, torch.zeros_like(da))
     assert w.dtype == dtype and torch.equal(w, dequantize_nf4_reference(q, dtype))
+    # y = xa B^T (+ bias) from the row tiles (the GEMM path's forward), over a NaN-filled y
+    for bias in (None, torch.randn(N, generator=g).to(DEV, dtype)):
+        y = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        xa2 = L._launch_adapter_down(x, a, keys, 0.1, 2.0, b=b, workspace=3000, nf4=q, y=y, bias=bias)[0]
+        assert torch.equal(xa2, xa)
+        want = xa.double() @ b.to(dtype).double().t() + (0 if bias is None else bias.double())
+        assert y.dtype == dtype and _rel(y, want) <= TOL[dtype]
+    with pytest.raises(ValueError, match="one K split"):
+        L._launch_adapter_down(x, a, keys, 0.1, 2.0, dict(SPLIT_K=2, BLOCK_K=32), b=b, y=y)
 
 
 def test_gemm_path_takes_nd_input_and_gives_outputs_that_allow_inplace_ops():
@@ -377,7 +388,8 @@ if S == 3:  # the two small passes once; the GEMMs for both shapes (their shared
     L._launch_dy(ys, b, xa, [1.0] * S, r)
     # The GEMM path's kernels, bf16, every variant the engine or the benchmark launches.
     x16, a1, keys1 = x, a[:r], keys[:1]
-    L._launch_adapter_down(x16, a1, keys1, 0.1, 4.0, b=b[:Ns[0]], workspace=16 * (M + K + Ns[0]), nf4=bases[0].weight)
+    L._launch_adapter_down(x16, a1, keys1, 0.1, 4.0, b=b[:Ns[0]], workspace=16 * (M + K + Ns[0]), nf4=bases[0].weight,
+                           y=ys[0])
     L._launch_adapter_down(x16, a1, keys1, 0.0, 4.0, dict(SPLIT_K=4))
     g16, t16 = torch.empty(M, r, dtype=torch.bfloat16), torch.empty(M, K, dtype=torch.bfloat16)
     L._launch_adapter_dx(x16, g16, a1, keys1, 0.1, 4.0, t16, False, True)
