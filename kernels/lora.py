@@ -369,7 +369,7 @@ def _lora_dx_kernel(
             seg, w0, am0, am20, c20, off0, qm0, w1, am1, am21, c21, off1, qm1, w2, am2, am22, c22, off2, qm2)
         N = _pick(seg, N0, N1, N2)
         dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * N
-        for n_start in tl.range(0, N, BLOCK_N, num_stages=1):
+        for n_start in range(0, N, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             dy = tl.load(dy_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
             w = _w_tile(w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, qm_ptr, offs_n, k_start, N, K,
