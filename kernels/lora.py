@@ -820,7 +820,8 @@ def _launch_adapter_down(x2, a, keys, p, scale, config=None, b=None, workspace=0
     c = dict(ADAPTER_DOWN_CONFIG, **(config or {}))
     split = max(1, min(c["SPLIT_K"], cdiv(K, c["BLOCK_K"])))
     if y is not None and (b is None or split > 1):
-        raise ValueError("y = xa B^T needs b and one K split (SPLIT_K=1)")
+        raise ValueError(f"y = xa B^T needs b and one K split; got b={'given' if b is not None else None} and "
+                         f"{split} K splits: pass b, and SPLIT_K=1 in config (or compute y yourself after xa)")
     k_per_split = cdiv(cdiv(K, split), c["BLOCK_K"]) * c["BLOCK_K"]
     atomic = split > 1
     dev = x2.device
@@ -1052,14 +1053,16 @@ class _GemmLoRAFunction(torch.autograd.Function):
                     xk = x2 * keep
                 xa = torch.mm(xk, (a * down_scale).to(dtype).t())
             b_c = b.to(dtype)  # (N, r)
-        b_t = b_c.t()
-        first, second = ((xa, b_t), (x2, w.t())) if opt.adapter_first else ((x2, w.t()), (xa, b_t))
-        if not y_done:
+        if y_done:  # the launch wrote xa B^T (+ bias): only the base GEMM is left
+            y2.addmm_(x2, w.t())
+        else:
+            b_t = b_c.t()
+            first, second = ((xa, b_t), (x2, w.t())) if opt.adapter_first else ((x2, w.t()), (xa, b_t))
             if bias is None:
                 torch.mm(*first, out=y2)
             else:
                 torch.addmm(bias, *first, out=y2)
-        y2.addmm_(*second)
+            y2.addmm_(*second)
         ctx.spec = spec
         ctx.acc_fresh = True  # the zeroed accumulators serve one backward (retain_graph: later ones re-zero them)
         save_w = opt.save_weight
